@@ -1,0 +1,3 @@
+"""effx: efficient transformers in JAX/Flax."""
+
+__version__ = "0.1.0"
