@@ -1,0 +1,64 @@
+"""Exact attention in query/key chunks (Rabe & Staats, 2021; FlashAttention's algorithm)."""
+
+from __future__ import annotations
+
+import jax
+
+from effx.attention import flash
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
+from effx.attention.core import positions
+from effx.attention.dense import full_pattern
+from effx.attention.registry import register
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                        mask: jax.Array | None = None, causal: bool = False,
+                        q_chunk: int = 512, k_chunk: int = 512) -> jax.Array:
+  """Exact softmax attention with O(length * chunk) memory in forward and backward.
+
+  Args:
+    q, k: ``[batch, length, heads, head_dim]``; v: ``[batch, length, heads, head_dim_v]``.
+    mask: optional ``[batch, length]`` padding mask (True = real token).
+    causal: forbid attending to later positions (key chunks wholly in the future are
+      skipped).
+    q_chunk, k_chunk: chunk lengths. A length that is not a multiple is padded
+      internally; the result is unchanged.
+
+  Returns:
+    ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
+  """
+  mask = check_qkv("blockwise", q, k, v, mask)
+  check_positive("blockwise", "q_chunk", q_chunk)
+  check_positive("blockwise", "k_chunk", k_chunk)
+  pos, valid = positions(q.shape[0], q.shape[1], mask)
+  out, _ = flash.attend(q, k, v, q_pos=pos, k_pos=pos, k_valid=valid, causal=causal,
+                        q_chunk=q_chunk, k_chunk=k_chunk)
+  return zero_padded_queries(out.astype(q.dtype), mask)
+
+
+@register("blockwise")
+class BlockwiseAttention(Family):
+  """Memory-efficient exact attention; equals ``dense`` up to float rounding.
+
+  Attributes:
+    q_chunk: query chunk length (default 512).
+    k_chunk: key chunk length (default 512).
+  """
+
+  pattern_kind = "static"
+
+  q_chunk: int = 512
+  k_chunk: int = 512
+
+  def check_options(self):
+    check_positive("blockwise", "q_chunk", self.q_chunk)
+    check_positive("blockwise", "k_chunk", self.k_chunk)
+
+  def __call__(self, q, k, v, *, mask=None, deterministic=True):
+    del deterministic
+    return blockwise_attention(q, k, v, mask=mask, causal=self.causal,
+                               q_chunk=self.q_chunk, k_chunk=self.k_chunk)
+
+  def allow_matrix(self, length: int, num_heads: int = 1):
+    """``[num_heads, length, length]``: all ones, lower-triangular if causal."""
+    return full_pattern(length, num_heads, self.causal)

@@ -1,0 +1,184 @@
+"""Numerics shared by the sparse families: masked softmax over small key groups, and the
+merge of partial softmaxes by their log-sum-exp.
+
+Sparse families gather, for each group of queries, the keys that group may see, call
+``grouped_attention`` on the gathered tensors, and scatter the result back. When a query's
+allowed keys are split over several parts (a local window plus global tokens, several
+hash rounds), each part returns ``(out, lse)`` and ``merge`` combines them into the exact
+softmax over the union.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+# A finite "minus infinity": exp() of it is 0, and unlike -inf it never makes NaN in
+# (x - max) when a whole row is masked, in the forward pass or in gradients.
+NEG = -1e30
+
+
+# Position rules: which (query position, key position) pairs a family allows, as hashable
+# callables on broadcast integer arrays (hashable so they can be static arguments of jit
+# and custom_vjp).
+@dataclasses.dataclass(frozen=True)
+class Band:
+  """``|i - j| <= window``."""
+  window: int
+
+  def __call__(self, qp, kp):
+    return jnp.abs(qp - kp) <= self.window
+
+
+@dataclasses.dataclass(frozen=True)
+class NotSelf:
+  """``i != j``."""
+
+  def __call__(self, qp, kp):
+    return qp != kp
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherBlock:
+  """``i // size != j // size``."""
+  size: int
+
+  def __call__(self, qp, kp):
+    return qp // self.size != kp // self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class NotIn:
+  """Key position not in ``positions``."""
+  positions: tuple[int, ...]
+
+  def __call__(self, qp, kp):
+    hit = jnp.zeros(jnp.broadcast_shapes(qp.shape, kp.shape), bool)
+    for p in self.positions:
+      hit = hit | (kp == p)
+    return ~hit
+
+
+@dataclasses.dataclass(frozen=True)
+class AllOf:
+  rules: tuple[Callable, ...]
+
+  def __call__(self, qp, kp):
+    out = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), bool)
+    for rule in self.rules:
+      out = out & rule(qp, kp)
+    return out
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *,
+                      scale: float, bias: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention within groups, with an explicit allow-mask.
+
+  Args:
+    q: ``[..., a, heads, d]`` queries of each group.
+    k: ``[..., c, heads, d]`` the keys each group may see.
+    v: ``[..., c, heads, dv]``.
+    allowed: boolean, broadcastable to ``[..., heads, a, c]``.
+    scale: logit scale.
+    bias: optional float logit bias broadcastable like ``allowed``.
+
+  Returns:
+    ``out [..., a, heads, dv]`` float32 (zeros where a query has no allowed key) and
+    ``lse [..., a, heads]`` float32, the log-sum-exp of the allowed logits (``NEG`` for a
+    query with no allowed key).
+  """
+  logits = jnp.einsum("...qhd,...khd->...hqk", q, k,
+                      preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias
+  return attention_from_logits(logits, v, allowed)
+
+
+def attention_from_logits(logits: jax.Array, v: jax.Array, allowed: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Masked softmax of ``logits [..., heads, a, c]`` applied to ``v [..., c, heads, dv]``.
+
+  Returns ``(out [..., a, heads, dv], lse [..., a, heads])`` as ``grouped_attention``.
+  """
+  logits = jnp.where(allowed, logits.astype(jnp.float32), NEG)
+  # The result does not depend on the shift, so its gradient is exactly zero.
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
+  denom = jnp.sum(weights, axis=-1)  # [..., heads, a]
+  safe = jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("...hqk,...khd->...qhd", weights / safe[..., None], v.astype(jnp.float32))
+  lse = jnp.where(denom > 0, row_max[..., 0] + jnp.log(safe), NEG)
+  return out, jnp.swapaxes(lse, -1, -2)
+
+
+def merge(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
+  """Combines partial softmax attentions over disjoint key sets.
+
+  Each part is ``(out [..., heads, dv], lse [..., heads])`` as returned by
+  ``grouped_attention`` or ``flash.attend``. The result is the softmax attention over the
+  union of the parts' keys, with its own log-sum-exp.
+  """
+  outs = jnp.stack([o for o, _ in parts])
+  lses = jnp.stack([s for _, s in parts])
+  top = jax.lax.stop_gradient(jnp.max(lses, axis=0))
+  weights = jnp.exp(lses - top)  # 1 for the largest part, so the sum is >= 1
+  total = jnp.sum(weights, axis=0)
+  out = jnp.sum(outs * (weights / total)[..., None], axis=0)
+  lse = top + jnp.log(total)
+  empty = top <= NEG / 2
+  return jnp.where(empty[..., None], 0.0, out), jnp.where(empty, NEG, lse)
+
+
+def pad_axis(x: jax.Array, multiple: int, axis: int, value=0) -> jax.Array:
+  """Pads ``axis`` of ``x`` at the end up to a multiple of ``multiple``."""
+  size = x.shape[axis]
+  extra = -size % multiple
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def neighbour_blocks(x: jax.Array, before: int, after: int, fill=0, axis: int = 1) -> jax.Array:
+  """Each block with its neighbours, along block axis ``axis``.
+
+  For ``x`` of shape ``[..., n, size, ...]`` (blocks on ``axis``, their elements on
+  ``axis + 1``) returns ``[..., n, (before + 1 + after) * size, ...]``: each block preceded
+  by its ``before`` predecessors and followed by its ``after`` successors, ``fill`` beyond
+  the ends.
+  """
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (before, after)
+  padded = jnp.pad(x, widths, constant_values=fill)
+  parts = [jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(before + 1 + after)]
+  return jnp.concatenate(parts, axis=axis + 1)
+
+
+def to_residues(x: jax.Array, d: int) -> jax.Array:
+  """``[batch, length, ...] -> [batch * d, ceil(length / d), ...]``: the positions with
+  equal residue mod ``d`` as separate sequences (length padded with zeros)."""
+  b = x.shape[0]
+  x = pad_axis(x, d, axis=1)
+  x = jnp.swapaxes(x.reshape(b, -1, d, *x.shape[2:]), 1, 2)
+  return x.reshape(b * d, -1, *x.shape[3:])
+
+
+def from_residues(x: jax.Array, d: int, length: int) -> jax.Array:
+  """Inverse of ``to_residues``, cropped to ``length``."""
+  b = x.shape[0] // d
+  x = jnp.swapaxes(x.reshape(b, d, *x.shape[1:]), 1, 2)
+  return x.reshape(b, -1, *x.shape[3:])[:, :length]
+
+
+def positions(batch: int, length: int, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """``(pos [batch, length] int32, valid [batch, length] bool)`` for a padding mask."""
+  pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  valid = jnp.ones((batch, length), bool) if mask is None else mask
+  return pos, valid

@@ -1,0 +1,85 @@
+"""Dense softmax attention: softmax(QK^T / sqrt(d)) V over the whole sequence."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effx.attention.base import Family, check_choice, check_qkv, zero_padded_queries
+from effx.attention.core import attention_from_logits
+from effx.attention.registry import register
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                    causal: bool = False, implementation: str = "auto") -> jax.Array:
+  """Dense softmax attention.
+
+  Args:
+    q, k: ``[batch, length, heads, head_dim]``; v: ``[batch, length, heads, head_dim_v]``.
+    mask: optional ``[batch, length]`` padding mask (True = real token).
+    causal: forbid attending to later positions.
+    implementation: ``"xla"``: einsum and a float32 masked softmax, any backend;
+      ``"cudnn"``: cuDNN's fused kernel through ``jax.nn.dot_product_attention`` (GPU only,
+      float16/bfloat16, ``head_dim_v == head_dim``; errors elsewhere); ``"auto"``
+      (default): ``"cudnn"`` when all of those hold, else ``"xla"``. Both compute the same
+      function.
+
+  Returns:
+    ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
+  """
+  mask = check_qkv("dense", q, k, v, mask)
+  check_choice("dense", "implementation", implementation, IMPLEMENTATIONS)
+  if implementation == "auto":
+    implementation = "cudnn" if _cudnn_applies(q, v) else "xla"
+  if implementation == "cudnn":
+    key_mask = None if mask is None else mask[:, None, None, :]  # [b, 1, 1, k]
+    out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=causal,
+                                       implementation="cudnn")
+    return zero_padded_queries(out.astype(q.dtype), mask)
+  length = q.shape[1]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  allowed = jnp.ones((1, 1, 1, length), bool) if mask is None else mask[:, None, None, :]
+  if causal:
+    allowed = allowed & jnp.tri(length, dtype=bool)
+  out, _ = attention_from_logits(logits, v, allowed)
+  return zero_padded_queries(out.astype(q.dtype), mask)
+
+
+def _cudnn_applies(q: jax.Array, v: jax.Array) -> bool:
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and v.shape[-1] == q.shape[-1])
+
+
+@register("dense")
+class DenseAttention(Family):
+  """Full softmax attention (Vaswani et al., 2017); quadratic time and memory.
+
+  Attributes:
+    implementation: ``"auto"`` (default) | ``"xla"`` | ``"cudnn"``, see ``dense_attention``.
+  """
+
+  pattern_kind = "static"
+
+  implementation: str = "auto"
+
+  def check_options(self):
+    check_choice("dense", "implementation", self.implementation, IMPLEMENTATIONS)
+
+  def __call__(self, q, k, v, *, mask=None, deterministic=True):
+    del deterministic  # no randomness
+    return dense_attention(q, k, v, mask=mask, causal=self.causal,
+                           implementation=self.implementation)
+
+  def allow_matrix(self, length: int, num_heads: int = 1):
+    """``[num_heads, length, length]`` allow-matrix: all ones, lower-triangular if causal."""
+    return full_pattern(length, num_heads, self.causal)
+
+
+def full_pattern(length: int, num_heads: int, causal: bool) -> np.ndarray:
+  """The dense allow-matrix ``[num_heads, length, length]``."""
+  allowed = np.tril(np.ones((length, length), bool)) if causal else np.ones((length, length), bool)
+  return np.broadcast_to(allowed, (num_heads, length, length))

@@ -1,0 +1,108 @@
+"""Dilated sliding-window attention (Longformer, Beltagy et al., 2020), per-head dilation."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
+from effx.attention.core import from_residues, to_residues
+from effx.attention.local import band_pattern, local_parts
+from effx.attention.registry import register
+
+
+def _per_head(dilation: int | Sequence[int], heads: int) -> tuple[int, ...]:
+  if isinstance(dilation, int):
+    return (dilation,) * heads
+  dilation = tuple(dilation)
+  if len(dilation) != heads:
+    raise ValueError(f"dilated: option dilation={dilation} gives {len(dilation)} values but "
+                     f"there are {heads} heads; give one int or one value per head")
+  return dilation
+
+
+def _check_dilation(dilation) -> None:
+  values = (dilation,) if isinstance(dilation, int) else tuple(dilation)
+  for d in values:
+    check_positive("dilated", "dilation", d)
+
+
+def _dilated_one(q, k, v, mask, causal, window, d):
+  """One dilation for all given heads: the positions with equal residue mod ``d`` form
+  a sequence on which the dilated window is an ordinary window of the same width."""
+  if d == 1:
+    return local_parts(q, k, v, mask=mask, causal=causal, window=window)[0]
+  b, length = q.shape[:2]
+  valid = jnp.ones((b, length), bool) if mask is None else mask
+  out, _ = local_parts(to_residues(q, d), to_residues(k, d), to_residues(v, d),
+                       mask=to_residues(valid, d), causal=causal, window=window)
+  return from_residues(out, d, length)
+
+
+def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                      causal: bool = False, window: int = 64,
+                      dilation: int | Sequence[int] = 2) -> jax.Array:
+  """Dilated sliding-window attention.
+
+  Query ``i`` sees key ``j`` iff ``(i - j) % d == 0`` and ``|i - j| <= window * d``
+  (``j <= i`` when causal), with ``d`` the head's dilation: ``window`` keys on each side,
+  ``d - 1`` positions apart. Cost O(length * window) for any dilation.
+
+  Args:
+    q, k: ``[batch, length, heads, head_dim]``; v: ``[batch, length, heads, head_dim_v]``.
+    mask: optional ``[batch, length]`` padding mask (True = real token).
+    causal: see only earlier positions.
+    window: attended keys on each side (one-sided width, as in ``local``).
+    dilation: one int for every head, or one per head (Longformer gives some heads
+      dilation 1 and others more).
+
+  Returns:
+    ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
+  """
+  mask = check_qkv("dilated", q, k, v, mask)
+  check_positive("dilated", "window", window)
+  _check_dilation(dilation)
+  per_head = _per_head(dilation, q.shape[2])
+  if len(set(per_head)) == 1:
+    out = _dilated_one(q, k, v, mask, causal, window, per_head[0])
+    return zero_padded_queries(out.astype(q.dtype), mask)
+  outs = []
+  heads_in_order = []
+  for d in sorted(set(per_head)):
+    idx = np.array([i for i, x in enumerate(per_head) if x == d])
+    outs.append(_dilated_one(q[:, :, idx], k[:, :, idx], v[:, :, idx], mask, causal, window, d))
+    heads_in_order.extend(idx.tolist())
+  out = jnp.concatenate(outs, axis=2)[:, :, np.argsort(heads_in_order)]
+  return zero_padded_queries(out.astype(q.dtype), mask)
+
+
+@register("dilated")
+class DilatedAttention(Family):
+  """Dilated sliding window.
+
+  Attributes:
+    window: attended keys on each side of the query (default 64).
+    dilation: gap multiplier, one int or a tuple with one value per head (default 2).
+  """
+
+  pattern_kind = "static"
+
+  window: int = 64
+  dilation: int | tuple[int, ...] = 2
+
+  def check_options(self):
+    check_positive("dilated", "window", self.window)
+    _check_dilation(self.dilation)
+
+  def __call__(self, q, k, v, *, mask=None, deterministic=True):
+    del deterministic
+    return dilated_attention(q, k, v, mask=mask, causal=self.causal, window=self.window,
+                             dilation=self.dilation)
+
+  def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
+    """``[num_heads, length, length]`` allow-matrix (one per head's dilation)."""
+    return np.stack([band_pattern(length, self.window, self.causal, d)
+                     for d in _per_head(self.dilation, num_heads)])

@@ -1,0 +1,114 @@
+"""Longformer attention (Beltagy et al., 2020): sliding window + symmetric global tokens."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
+from effx.attention.core import NotIn, grouped_attention, merge, positions
+from effx.attention.local import band_pattern, local_parts
+from effx.attention.registry import register
+
+
+def _global_positions(global_tokens: Sequence[int], length: int) -> tuple[int, ...]:
+  """Resolves negative indices and checks range; sorted, without duplicates."""
+  out = set()
+  for g in global_tokens:
+    if not isinstance(g, (int, np.integer)) or not -length <= g < length:
+      raise ValueError(f"longformer: option global_tokens contains {g!r}, which is not a "
+                       f"position in a sequence of length {length} "
+                       f"(valid: {-length}..{length - 1})")
+    out.add(int(g) % length)
+  return tuple(sorted(out))
+
+
+def longformer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                         mask: jax.Array | None = None, causal: bool = False, window: int = 128,
+                         global_tokens: Sequence[int] = (0,)) -> jax.Array:
+  """Sliding-window attention plus global tokens that see and are seen by every position.
+
+  Query ``i`` sees key ``j`` iff ``|i - j| <= window``, or ``i`` is global, or ``j`` is
+  global (and ``j <= i`` when causal). The window part runs blockwise, the global rows
+  and columns densely over their few tokens; the parts are merged into one exact softmax.
+  Projections are shared with the window part (Longformer's separate global projections
+  would be parameters of ``SelfAttention``, not of the mixing).
+
+  Args:
+    q, k: ``[batch, length, heads, head_dim]``; v: ``[batch, length, heads, head_dim_v]``.
+    mask: optional ``[batch, length]`` padding mask (True = real token).
+    causal: see only earlier positions (global keys included).
+    window: one-sided window width, as in ``local``.
+    global_tokens: positions with global attention; negative values count from the end
+      (default ``(0,)``: a leading CLS token).
+
+  Returns:
+    ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
+  """
+  mask = check_qkv("longformer", q, k, v, mask)
+  check_positive("longformer", "window", window)
+  b, length = q.shape[:2]
+  glob = _global_positions(global_tokens, length)
+  if not glob:
+    out, _ = local_parts(q, k, v, mask=mask, causal=causal, window=window)
+    return zero_padded_queries(out.astype(q.dtype), mask)
+  pos, valid = positions(b, length, mask)
+  idx = np.array(glob, np.int32)
+  scale = q.shape[-1] ** -0.5
+  # Every query: its window (minus global keys, counted once below) + the global keys.
+  near = local_parts(q, k, v, mask=mask, causal=causal, window=window, rule=NotIn(glob))
+  to_global = valid[:, None, None, idx]                      # [b, 1, 1, g]
+  if causal:
+    to_global = to_global & (idx[None, None, None, :] <= pos[:, None, :, None])
+  far = grouped_attention(q, k[:, idx], v[:, idx], to_global, scale=scale)
+  out, _ = merge([near, far])
+  # Global queries: full rows.
+  from_global = valid[:, None, None, :]                      # [b, 1, 1, l]
+  if causal:
+    from_global = from_global & (pos[:, None, None, :] <= idx[None, None, :, None])
+  rows, _ = grouped_attention(q[:, idx], k, v, from_global, scale=scale)
+  out = out.at[:, idx].set(rows)
+  return zero_padded_queries(out.astype(q.dtype), mask)
+
+
+def _check(window, global_tokens):
+  check_positive("longformer", "window", window)
+  for g in global_tokens:
+    if not isinstance(g, (int, np.integer)):
+      raise ValueError(f"longformer: option global_tokens={tuple(global_tokens)!r} must hold "
+                       "integer positions")
+
+
+@register("longformer")
+class LongformerAttention(Family):
+  """Sliding window + symmetric global attention.
+
+  Attributes:
+    window: one-sided window width (default 128).
+    global_tokens: tuple of global positions, negatives from the end (default ``(0,)``).
+  """
+
+  pattern_kind = "static"
+
+  window: int = 128
+  global_tokens: tuple[int, ...] = (0,)
+
+  def check_options(self):
+    _check(self.window, self.global_tokens)
+
+  def __call__(self, q, k, v, *, mask=None, deterministic=True):
+    del deterministic
+    return longformer_attention(q, k, v, mask=mask, causal=self.causal, window=self.window,
+                                global_tokens=self.global_tokens)
+
+  def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
+    """``[num_heads, length, length]``: band plus global rows and columns."""
+    allowed = band_pattern(length, self.window, False)
+    glob = list(_global_positions(self.global_tokens, length))
+    allowed[glob, :] = True
+    allowed[:, glob] = True
+    if self.causal:
+      allowed &= np.tri(length, dtype=bool)
+    return np.broadcast_to(allowed, (num_heads, length, length))

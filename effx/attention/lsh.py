@@ -1,0 +1,205 @@
+"""Reformer LSH attention (Kitaev et al., 2020).
+
+Shared-QK: keys are the unit-normalised queries, so the ``k`` argument is not used (the
+``key`` projection stays in ``SelfAttention`` so every family has dense's parameter tree).
+Per round, an angular LSH ``h(x) = argmax([xR; -xR])`` with a random rotation ``R``
+buckets the tokens; tokens are sorted by (bucket, position) and cut into chunks of
+``bucket_size``; each chunk attends to itself and the chunk before it (no wrap-around).
+A token attends to itself only when it has no other target. Rounds are combined by their
+log-sum-exp, with each logit lowered by ``log N_ij`` (the number of rounds in which ``i``
+sees ``j``, the paper's duplicate correction), so the result is exactly the softmax over
+the union of the rounds' neighbourhoods: the pattern ``lsh_allow_matrix`` returns.
+
+Causal: the hashes depend on every token's query, so a later token can move an earlier
+one between chunks (change *which* earlier keys it sees); a later token's value never
+reaches an earlier output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
+from effx.attention.core import NEG, grouped_attention, merge, neighbour_blocks, pad_axis
+from effx.attention.randomness import family_key
+from effx.attention.registry import register
+
+
+def num_buckets(length: int, bucket_size: int, n_buckets: int | None) -> int:
+  """Default: twice the number of chunks, so an average bucket fills half a chunk."""
+  return 2 * -(-length // bucket_size) if n_buckets is None else n_buckets
+
+
+def draw_rotations(key: jax.Array, heads: int, head_dim: int, n_hashes: int,
+                   n_buckets: int) -> jax.Array:
+  """Random rotations ``[heads, head_dim, n_hashes, n_buckets // 2]``."""
+  return jax.random.normal(key, (heads, head_dim, n_hashes, n_buckets // 2), jnp.float32)
+
+
+def _unit(x):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def _chunk_of(q, valid, rotations, bucket_size):
+  """Per round, the sort order and each token's chunk.
+
+  Args:
+    q: ``[b, lp, h, d]`` (length padded to whole chunks); valid: ``[b, lp]``.
+
+  Returns:
+    ``perm [b, h, r, lp]`` (sorted slot -> position) and ``chunk [b, h, r, lp]``
+    (position -> chunk index in that round).
+  """
+  lp = q.shape[1]
+  rot = jnp.einsum("blhd,hdrn->bhrln", _unit(q), rotations)
+  buckets = jnp.argmax(jnp.concatenate([rot, -rot], axis=-1), axis=-1)
+  # Padding sorts after every real token, whatever its content.
+  buckets = jnp.where(valid[:, None, None, :], buckets, rotations.shape[-1] * 2)
+  perm = jnp.argsort(buckets * lp + jnp.arange(lp), axis=-1)
+  chunk = jnp.argsort(perm, axis=-1) // bucket_size
+  return perm, chunk
+
+
+def lsh_attention(q: jax.Array, v: jax.Array, *, rotations: jax.Array,
+                  mask: jax.Array | None = None, causal: bool = False,
+                  bucket_size: int = 64) -> jax.Array:
+  """Multi-round LSH attention with shared queries and keys.
+
+  Args:
+    q: ``[batch, length, heads, head_dim]`` queries, also used (unit-normalised) as keys.
+    v: ``[batch, length, heads, head_dim_v]``.
+    rotations: ``[heads, head_dim, n_hashes, n_buckets // 2]`` (``draw_rotations``).
+    mask: optional ``[batch, length]`` padding mask (True = real token).
+    causal: no attention to later positions.
+    bucket_size: chunk length; the length is padded to whole chunks internally.
+
+  Returns:
+    ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
+  """
+  mask = check_qkv("lsh", q, q, v, mask)
+  b, length, h, d = q.shape
+  dv = v.shape[-1]
+  rounds = rotations.shape[2]
+  valid = jnp.ones((b, length), bool) if mask is None else mask
+  qp = pad_axis(q, bucket_size, axis=1)
+  vp = pad_axis(v, bucket_size, axis=1)
+  valid = pad_axis(valid, bucket_size, axis=1, value=False)
+  lp = qp.shape[1]
+  perm, chunk = _chunk_of(qp, valid, rotations, bucket_size)
+
+  def sort(x):  # [b, lp, h, e] -> [b, h, r, n_chunks, bucket_size, e]
+    x = jnp.swapaxes(x, 1, 2)[:, :, None]
+    x = jnp.take_along_axis(x, perm[..., None], axis=3)
+    return x.reshape(b, h, rounds, -1, bucket_size, x.shape[-1])
+
+  def with_previous(x, fill=0):  # keys of each chunk: the chunk before, then itself
+    return neighbour_blocks(x, 1, 0, fill=fill, axis=3)
+
+  sq = sort(qp)                                              # [b, h, r, n, c, d]
+  sk = with_previous(sort(_unit(qp)))                        # [b, h, r, n, 2c, d]
+  sv = with_previous(sort(vp))
+  qpos = perm.reshape(b, h, rounds, -1, bucket_size)         # positions, sorted
+  kpos = with_previous(qpos, fill=-1)
+  kvalid = with_previous(
+      jnp.take_along_axis(valid[:, None, None, :], perm, axis=3)
+      .reshape(qpos.shape), fill=False)
+  allowed = kvalid[..., None, :] & (qpos[..., :, None] != kpos[..., None, :])
+  if causal:
+    allowed = allowed & (kpos[..., None, :] <= qpos[..., :, None])
+  # Duplicate correction: in how many rounds does query i see key j?
+  chunk_by_pos = jnp.moveaxis(chunk, 2, -1)                 # [b, h, lp, r]
+  qc = jnp.take_along_axis(chunk_by_pos[:, :, None], perm[..., None], axis=3)
+  qc = qc.reshape(*qpos.shape, rounds)                       # [b, h, r, n, c, r']
+  kc = with_previous(qc)                                     # [b, h, r, n, 2c, r']
+  count = jnp.zeros(allowed.shape, jnp.float32)
+  for r in range(rounds):
+    diff = qc[..., :, None, r] - kc[..., None, :, r]
+    count = count + ((diff == 0) | (diff == 1)).astype(jnp.float32)
+  bias = -jnp.log(jnp.maximum(count, 1.0))
+  out, lse = grouped_attention(sq[..., None, :], sk[..., None, :], sv[..., None, :],
+                               allowed[..., None, :, :], bias=bias[..., None, :, :],
+                               scale=d ** -0.5)
+  out = out.reshape(b, h, rounds, lp, dv)
+  lse = lse.reshape(b, h, rounds, lp)
+  unsort = jnp.argsort(perm, axis=-1)
+  out = jnp.take_along_axis(out, unsort[..., None], axis=3)
+  lse = jnp.take_along_axis(lse, unsort, axis=3)
+  out, lse = merge([(out[:, :, r], lse[:, :, r]) for r in range(rounds)])  # [b, h, lp, dv]
+  # Self-attention only when alone.
+  alone = (lse <= NEG / 2)[..., None]
+  out = jnp.where(alone, jnp.swapaxes(vp, 1, 2).astype(jnp.float32), out)
+  out = jnp.swapaxes(out, 1, 2)[:, :length]
+  return zero_padded_queries(out.astype(q.dtype), mask)
+
+
+def lsh_allow_matrix(q: jax.Array, *, rotations: jax.Array, mask: jax.Array | None = None,
+                     causal: bool = False, bucket_size: int = 64) -> jax.Array:
+  """``[batch, heads, length, length]`` allow-matrix that ``lsh_attention`` computes with
+  these hashes (use the unit-normalised ``q`` as keys in ``reference``)."""
+  b, length = q.shape[:2]
+  valid = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
+  qp = pad_axis(q, bucket_size, axis=1)
+  validp = pad_axis(valid, bucket_size, axis=1, value=False)
+  _, chunk = _chunk_of(qp, validp, rotations, bucket_size)
+  chunk = chunk[..., :length]                               # [b, h, r, l]
+  diff = chunk[..., :, None] - chunk[..., None, :]
+  near = jnp.any((diff == 0) | (diff == 1), axis=2)          # [b, h, l, l]
+  eye = jnp.eye(length, dtype=bool)
+  allowed = near & valid[:, None, None, :] & ~eye
+  if causal:
+    allowed = allowed & jnp.tri(length, dtype=bool)
+  alone = ~jnp.any(allowed, axis=-1, keepdims=True)
+  return allowed | (alone & eye)
+
+
+def _check(n_hashes, bucket_size, n_buckets):
+  check_positive("lsh", "n_hashes", n_hashes)
+  check_positive("lsh", "bucket_size", bucket_size)
+  if n_buckets is not None and (not isinstance(n_buckets, int) or n_buckets < 2
+                                or n_buckets % 2):
+    raise ValueError(f"lsh: option n_buckets={n_buckets!r} must be an even integer >= 2")
+
+
+@register("lsh")
+class LSHAttention(Family):
+  """Reformer's multi-round LSH attention (shared-QK; ``k`` is ignored).
+
+  Attributes:
+    n_hashes: hash rounds (default 2).
+    bucket_size: chunk length ``m`` (default 64).
+    n_buckets: buckets per round; default ``2 * ceil(length / bucket_size)`` so that an
+      average bucket fills half a chunk (Kitaev et al., Sec. 2).
+    seed: seed of the fixed per-layer rotations (``effx.attention.randomness``).
+    redraw: draw new rotations on every training call (the paper's behaviour; default
+      True); evaluation always uses the fixed rotations.
+  """
+
+  pattern_kind = "content"
+
+  n_hashes: int = 2
+  bucket_size: int = 64
+  n_buckets: int | None = None
+  seed: int = 0
+  redraw: bool = True
+
+  def check_options(self):
+    _check(self.n_hashes, self.bucket_size, self.n_buckets)
+
+  def rotations(self, q: jax.Array, deterministic: bool = True) -> jax.Array:
+    key = family_key(self, seed=self.seed, redraw=self.redraw, deterministic=deterministic)
+    n = num_buckets(q.shape[1], self.bucket_size, self.n_buckets)
+    return draw_rotations(key, q.shape[2], q.shape[3], self.n_hashes, n)
+
+  def __call__(self, q, k, v, *, mask=None, deterministic=True):
+    check_qkv("lsh", q, k, v, mask)
+    return lsh_attention(q, v, rotations=self.rotations(q, deterministic), mask=mask,
+                         causal=self.causal, bucket_size=self.bucket_size)
+
+  def allow_matrix(self, q, k=None, *, mask=None, deterministic=True):
+    """``[batch, heads, length, length]`` pattern for queries ``q`` (call via ``apply``;
+    ``k`` is ignored: keys are the normalised queries)."""
+    del k
+    return lsh_allow_matrix(q, rotations=self.rotations(q, deterministic), mask=mask,
+                            causal=self.causal, bucket_size=self.bucket_size)

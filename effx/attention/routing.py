@@ -1,0 +1,196 @@
+"""Routing attention (Roy et al., 2021, "Efficient Content-Based Sparse Attention with
+Routing Transformers").
+
+Queries and keys are unit-normalised and routed to ``num_clusters`` shared centroids.
+For balanced clusters each centroid takes its ``window`` nearest queries and its
+``window`` nearest keys (top-k, as in the paper); a cluster's queries attend to that
+cluster's keys. A query picked by several clusters gets the exact softmax over the union
+of their keys (each logit lowered by ``log`` of how many of its clusters share the key, as
+for LSH rounds); every token also attends to itself, so a token no cluster picks still
+sees its own value (a small extension: the paper's model relied on local heads for that).
+
+The centroids are not trained by gradients: they live in the ``"state"`` collection and,
+in training calls (``deterministic=False`` with ``"state"`` mutable), move towards the
+mean of the normalised queries and keys nearest to them by an exponential moving average
+(decay ``ema_decay``, 0.999 in the paper), then are renormalised.
+
+Causal: the routing looks at every token, so later tokens can change which earlier keys
+an earlier query sees; a later token's value never reaches an earlier output.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
+from effx.attention.core import NEG, grouped_attention, merge
+from effx.attention.registry import register
+
+
+def _unit(x):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def _window(length: int, num_clusters: int, window: int | None) -> int:
+  return min(length, -(-length // num_clusters) if window is None else window)
+
+
+def _route(x, valid, centroids, window):
+  """Indices ``[b, h, clusters, window]`` of the tokens nearest to each centroid."""
+  sims = jnp.einsum("blhd,hcd->bhcl", _unit(x), centroids)
+  # Padding ranks last whatever its content (ties resolve by position).
+  sims = jnp.where(valid[:, None, None, :], sims, NEG)
+  return jax.lax.top_k(sims, window)[1]
+
+
+def _membership(idx, length):
+  """``[b, h, length, clusters]`` float: 1 where the token is in the cluster."""
+  b, h, c, w = idx.shape
+  one = jnp.zeros((b, h, c, length), jnp.float32)
+  bi, hi, ci = jnp.meshgrid(jnp.arange(b), jnp.arange(h), jnp.arange(c), indexing="ij")
+  one = one.at[bi[..., None], hi[..., None], ci[..., None], idx].set(1.0)
+  return jnp.swapaxes(one, 2, 3)
+
+
+def routing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, centroids: jax.Array,
+                      mask: jax.Array | None = None, causal: bool = False,
+                      window: int | None = None) -> jax.Array:
+  """Routing attention for given centroids.
+
+  Args:
+    q, k: ``[batch, length, heads, head_dim]``; v: ``[batch, length, heads, head_dim_v]``.
+    centroids: ``[heads, num_clusters, head_dim]`` unit vectors.
+    mask: optional ``[batch, length]`` padding mask (True = real token).
+    causal: no attention to later positions.
+    window: tokens per cluster; default ``ceil(length / num_clusters)``.
+
+  Returns:
+    ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
+  """
+  mask = check_qkv("routing", q, k, v, mask)
+  b, length, h, d = q.shape
+  dv = v.shape[-1]
+  clusters = centroids.shape[1]
+  w = _window(length, clusters, window)
+  valid = jnp.ones((b, length), bool) if mask is None else mask
+  qi = _route(q, valid, centroids, w)                        # [b, h, c, w]
+  ki = _route(k, valid, centroids, w)
+
+  def gather(x, idx):  # [b, l, h, e] -> [b, h, c, w, e]
+    x = jnp.swapaxes(x, 1, 2)[:, :, None]
+    return jnp.take_along_axis(x, idx[..., None], axis=3)
+
+  kvalid = jnp.take_along_axis(valid[:, None, None, :], ki, axis=3)
+  allowed = kvalid[..., None, :] & (qi[..., :, None] != ki[..., None, :])
+  if causal:
+    allowed = allowed & (ki[..., None, :] <= qi[..., :, None])
+  # In how many clusters does query i meet key j?
+  mq = jnp.take_along_axis(_membership(qi, length)[:, :, None], qi[..., None], axis=3)
+  mk = jnp.take_along_axis(_membership(ki, length)[:, :, None], ki[..., None], axis=3)
+  count = jnp.einsum("bhcqx,bhckx->bhcqk", mq, mk)
+  bias = -jnp.log(jnp.maximum(count, 1.0))
+  out, lse = grouped_attention(gather(q, qi)[..., None, :], gather(k, ki)[..., None, :],
+                               gather(v, ki)[..., None, :], allowed[..., None, :, :],
+                               bias=bias[..., None, :, :], scale=d ** -0.5)
+  out = out[..., 0, :].reshape(b, h, -1, dv)                 # [b, h, c*w, dv]
+  lse = lse[..., 0].reshape(b, h, -1)
+  # Scatter-merge the clusters' partial softmaxes onto the query positions.
+  seg = (jnp.arange(b * h).reshape(b, h, 1) * length + qi.reshape(b, h, -1)).reshape(-1)
+  n = b * h * length
+  top = jax.lax.stop_gradient(jax.ops.segment_max(lse.reshape(-1), seg, num_segments=n))
+  weight = jnp.exp(lse.reshape(-1) - top[seg])
+  total = jax.ops.segment_sum(weight, seg, num_segments=n)
+  acc = jax.ops.segment_sum(weight[:, None] * out.reshape(-1, dv), seg, num_segments=n)
+  picked = total > 0
+  routed = jnp.where(picked[:, None], acc / jnp.where(picked, total, 1.0)[:, None], 0.0)
+  routed_lse = jnp.where(picked & (top > NEG / 2), top + jnp.log(jnp.where(picked, total, 1.0)),
+                         NEG)
+  routed = routed.reshape(b, h, length, dv)
+  routed_lse = routed_lse.reshape(b, h, length)
+  # Every token also sees itself.
+  qh, kh, vh = (jnp.swapaxes(x, 1, 2).astype(jnp.float32) for x in (q, k, v))
+  self_lse = jnp.sum(qh * kh, axis=-1) * d ** -0.5
+  out, _ = merge([(routed, routed_lse), (vh, self_lse)])
+  return zero_padded_queries(jnp.swapaxes(out, 1, 2).astype(q.dtype), mask)
+
+
+def routing_allow_matrix(q, k, *, centroids, mask=None, causal=False, window=None):
+  """``[batch, heads, length, length]`` allow-matrix that ``routing_attention`` computes."""
+  b, length = q.shape[:2]
+  valid = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
+  w = _window(length, centroids.shape[1], window)
+  mq = _membership(_route(q, valid, centroids, w), length)
+  mk = _membership(_route(k, valid, centroids, w), length)
+  meet = jnp.einsum("bhqc,bhkc->bhqk", mq, mk) > 0
+  allowed = (meet | jnp.eye(length, dtype=bool)) & valid[:, None, None, :]
+  return allowed & jnp.tri(length, dtype=bool) if causal else allowed
+
+
+def update_centroids(centroids, q, k, mask, decay):
+  """One EMA step of the shared centroids towards their assigned queries and keys."""
+  b, length = q.shape[:2]
+  valid = jnp.ones((b, length), bool) if mask is None else mask
+  x = jnp.concatenate([_unit(q), _unit(k)], axis=1)          # [b, 2l, h, d]
+  valid = jnp.concatenate([valid, valid], axis=1).astype(jnp.float32)
+  nearest = jnp.argmax(jnp.einsum("blhd,hcd->blhc", x, centroids), axis=-1)
+  onehot = jax.nn.one_hot(nearest, centroids.shape[1]) * valid[:, :, None, None]
+  sums = jnp.einsum("blhc,blhd->hcd", onehot, x)
+  counts = jnp.sum(onehot, axis=(0, 1))[..., None]            # [h, c, 1]
+  means = sums / jnp.maximum(counts, 1.0)
+  moved = _unit(decay * centroids + (1 - decay) * means)
+  return jax.lax.stop_gradient(jnp.where(counts > 0, moved, centroids))
+
+
+def _check(num_clusters, window, ema_decay):
+  check_positive("routing", "num_clusters", num_clusters)
+  check_positive("routing", "window", window, allow_none=True)
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"routing: option ema_decay={ema_decay!r} must be in [0, 1)")
+
+
+@register("routing")
+class RoutingAttention(Family):
+  """Routing Transformer attention with EMA k-means centroids (``"state"`` collection).
+
+  Attributes:
+    num_clusters: number of centroids, shared by queries and keys (default 8).
+    window: tokens per cluster; default ``ceil(length / num_clusters)`` (every token
+      in some cluster on average). A fixed window keeps cost linear in length.
+    ema_decay: centroid moving-average decay (default 0.999).
+  """
+
+  pattern_kind = "content"
+
+  num_clusters: int = 8
+  window: int | None = None
+  ema_decay: float = 0.999
+
+  def check_options(self):
+    _check(self.num_clusters, self.window, self.ema_decay)
+
+  def _centroids(self, head_dim_shape):
+    heads, head_dim = head_dim_shape
+    return self.variable(
+        "state", "centroids",
+        lambda: _unit(jax.random.normal(self.make_rng("params"),
+                                        (heads, self.num_clusters, head_dim))))
+
+  @nn.compact
+  def __call__(self, q, k, v, *, mask=None, deterministic=True):
+    mask = check_qkv("routing", q, k, v, mask)
+    centroids = self._centroids(q.shape[2:])
+    out = routing_attention(q, k, v, centroids=centroids.value, mask=mask, causal=self.causal,
+                            window=self.window)
+    if not deterministic and self.is_mutable_collection("state") and not self.is_initializing():
+      centroids.value = update_centroids(centroids.value, q, k, mask, self.ema_decay)
+    return out
+
+  @nn.compact
+  def allow_matrix(self, q, k, *, mask=None):
+    """``[batch, heads, length, length]`` pattern for these inputs (call via ``apply``)."""
+    centroids = self._centroids(q.shape[2:])
+    return routing_allow_matrix(q, k, centroids=centroids.value, mask=mask, causal=self.causal,
+                                window=self.window)

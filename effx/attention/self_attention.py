@@ -1,0 +1,107 @@
+"""``SelfAttention``: the one module that owns projections, masking, dropout and sharding
+annotations; the attention family only mixes the projected heads."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effx import axes
+from effx.attention import registry
+
+HEAD_AXES = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a pluggable attention family.
+
+  Families that add no parameters give exactly the parameter tree of
+  ``attention="dense"`` (``query``, ``key``, ``value``, ``out``), so a trained dense
+  model's weights load into any of them unchanged. Families with parameters (Linformer's
+  ``E, F``, Synthesizer, Sinkhorn's sorting network) keep them under ``mixer``; Routing
+  keeps its centroids in the ``"state"`` collection.
+
+  Attributes:
+    num_heads: number of heads.
+    qkv_features: total width of queries/keys/values (divisible by ``num_heads``).
+    out_features: output width (default: the input width).
+    attention: registered family name (``effx.attention.names()``).
+    attention_kwargs: the family's options, e.g. ``{"window": 128}``.
+    causal: forbid attending to later positions (families that cannot raise).
+    dropout_rate: dropout on the mixed heads before the output projection.
+    dtype: computation dtype of the projections (families compute softmax statistics
+      in float32 and return this dtype).
+    param_dtype: parameter dtype (also passed to families that have parameters).
+    kernel_init: initializer of the projection kernels.
+    use_bias: projections with biases.
+  """
+
+  num_heads: int
+  qkv_features: int
+  out_features: int | None = None
+  attention: str = "dense"
+  attention_kwargs: Mapping[str, Any] | None = None
+  causal: bool = False
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  use_bias: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.num_heads, int) or self.num_heads <= 0:
+      raise ValueError(f"SelfAttention: num_heads={self.num_heads!r} must be a positive integer")
+    if self.qkv_features % self.num_heads:
+      raise ValueError(f"SelfAttention: qkv_features={self.qkv_features} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"SelfAttention: dropout_rate={self.dropout_rate} must be in [0, 1)")
+    # Build the family once, unattached, so a bad name or option fails here.
+    registry.make(self.attention, causal=self.causal, parent=None, **self._family_options())
+    super().__post_init__()
+
+  def _family_options(self) -> dict[str, Any]:
+    options = dict(self.attention_kwargs or {})
+    if "param_dtype" in registry.options(self.attention):
+      options.setdefault("param_dtype", self.param_dtype)
+    return options
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """Attends ``x [batch, length, features]`` to itself.
+
+    Args:
+      x: inputs.
+      mask: optional ``[batch, length]`` padding mask, True = real token.
+      deterministic: disables dropout and any training-time randomness of the family.
+
+    Returns:
+      ``[batch, length, out_features]``.
+    """
+    if x.ndim != 3:
+      raise ValueError(f"SelfAttention: x must be [batch, length, features], got {x.shape}")
+    head_dim = self.qkv_features // self.num_heads
+    project = functools.partial(
+        nn.DenseGeneral, features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
+        param_dtype=self.param_dtype, use_bias=self.use_bias,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init,
+                                                 (axes.EMBED, axes.HEADS, axes.KV)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.HEADS, axes.KV)))
+    q, k, v = (nn.with_logical_constraint(project(name=n)(x), HEAD_AXES)
+               for n in ("query", "key", "value"))             # [b, l, h, d]
+    mixer = registry.make(self.attention, causal=self.causal, module_name="mixer",
+                          **self._family_options())
+    mixed = mixer(q, k, v, mask=mask, deterministic=deterministic)
+    mixed = nn.with_logical_constraint(mixed, HEAD_AXES)
+    mixed = nn.Dropout(self.dropout_rate)(mixed, deterministic=deterministic)
+    return nn.DenseGeneral(
+        features=self.out_features or x.shape[-1], axis=(-2, -1), dtype=self.dtype,
+        param_dtype=self.param_dtype, use_bias=self.use_bias, name="out",
+        kernel_init=nn.with_logical_partitioning(self.kernel_init,
+                                                 (axes.HEADS, axes.KV, axes.EMBED)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)))(mixed)

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of the attention families and models."""

@@ -1,0 +1,99 @@
+"""Compiled memory of attention families, from XLA's ``memory_analysis()``.
+
+Compilation only: nothing runs, so even lengths whose dense attention would not fit in
+RAM can be measured, and the numbers are deterministic for a given jax/jaxlib version
+and backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import effx.attention as ea
+
+# Options at which each family is sub-quadratic at long lengths: the defaults, except
+# routing's window (its default grows with the length) and max_len of the families with
+# length-shaped parameters (the longest length measured by the tests and benchmarks).
+LONG_OPTIONS: dict[str, dict[str, Any]] = {
+    "blockwise": dict(q_chunk=512, k_chunk=512),
+    "local": dict(window=128),
+    "dilated": dict(window=64, dilation=2),
+    "sparse": dict(stride=128),
+    "longformer": dict(window=128),
+    "bigbird": dict(block_size=64),
+    "lsh": dict(bucket_size=64, n_hashes=2),
+    "routing": dict(num_clusters=8, window=256),
+    "sinkhorn": dict(block_size=64, max_len=8192),
+    "linformer": dict(k=256, max_len=8192),
+    "synthesizer": dict(mode="factorized_random", max_len=8192),
+    "nystrom": dict(num_landmarks=64),
+    "performer": dict(num_features=256),
+    "linear": dict(),
+}
+
+
+def attention_memory(name: str, length: int, *, batch: int = 1, heads: int = 4,
+                     head_dim: int = 32, causal: bool = False, train: bool = True,
+                     dtype=jnp.float32, **options) -> dict[str, int]:
+  """Compiled byte counts of one attention call (``train``: forward + backward w.r.t.
+  q, k, v and the family's parameters).
+
+  Returns:
+    ``{"temp": ..., "argument": ..., "output": ...}`` bytes from ``memory_analysis()``.
+  """
+  module = ea.make(name, causal=causal, **options)
+  shape = jax.ShapeDtypeStruct((batch, length, heads, head_dim), dtype)
+  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), shape, shape, shape)
+  variables = nn.unbox(variables)
+
+  def loss(variables, q, k, v):
+    # A squared loss: a plain sum's constant cotangent lets XLA constant-fold parts of the
+    # backward pass, which a real loss never allows.
+    return jnp.sum(jnp.square(module.apply(variables, q, k, v).astype(jnp.float32)))
+
+  fn = jax.grad(loss, argnums=(0, 1, 2, 3)) if train else loss
+  compiled = jax.jit(fn).lower(variables, shape, shape, shape).compile()
+  stats = compiled.memory_analysis()
+  return {"temp": int(stats.temp_size_in_bytes), "argument": int(stats.argument_size_in_bytes),
+          "output": int(stats.output_size_in_bytes)}
+
+
+def memory_table(lengths=(4096, 8192), causal: bool = False, **shape) -> list[dict[str, Any]]:
+  """Forward+backward compiled temporary memory of every family at ``lengths``."""
+  rows = []
+  for name in ea.names():
+    if causal and not ea.supports_causal(name):
+      continue
+    row: dict[str, Any] = {"family": name}
+    for length in lengths:
+      row[length] = attention_memory(name, length, causal=causal, **shape,
+                                     **LONG_OPTIONS.get(name, {}))["temp"]
+    rows.append(row)
+  return rows
+
+
+def main(argv=None) -> None:
+  import argparse  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", default="4096,8192", help="comma-separated lengths")
+  parser.add_argument("--causal", action="store_true")
+  args = parser.parse_args(argv)
+  lengths = [int(x) for x in args.lengths.split(",")]
+  rows = memory_table(lengths, causal=args.causal)
+  dense = next(r for r in rows if r["family"] == "dense")
+  print(f"{'family':12s}" + "".join(f"{n:>12d}" for n in lengths)
+        + f"{'vs dense':>10s}{'growth':>8s}   (MiB, forward+backward temporaries)")
+  for r in rows:
+    mib = "".join(f"{r[n] / 2**20:12.1f}" for n in lengths)
+    ratio = dense[lengths[-1]] / r[lengths[-1]]
+    growth = r[lengths[-1]] / r[lengths[-2]] if len(lengths) > 1 else float("nan")
+    print(f"{r['family']:12s}{mib}{ratio:9.1f}x{growth:7.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,135 @@
+"""The call contract every attention family keeps (issue: attention zoo, "what must hold")."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import effx.attention as ea
+from conftest import Bound, cases, padding_mask, qkv
+
+# Families whose bucketing looks at every token: later tokens may change which earlier
+# keys a query sees, but a later token's value never reaches an earlier output.
+CONTENT_ROUTED = {"lsh", "routing"}
+
+
+@pytest.mark.parametrize("name,causal", cases())
+def test_shape_dtype_jit_grad(name, causal):
+  q, k, v = qkv()
+  mask = padding_mask()
+  fam = Bound(name, causal, q=q, mask=mask)
+  out = fam(q, k, v, mask)
+  chex.assert_shape(out, q.shape)
+  chex.assert_type(out, jnp.float32)
+  chex.assert_tree_all_finite(out)
+  grads = fam.grad(q, k, v, mask)
+  chex.assert_tree_all_finite(grads)
+  assert float(jnp.abs(grads[2]).sum()) > 0  # values always matter
+
+
+@pytest.mark.parametrize("name,causal", cases())
+def test_bfloat16(name, causal):
+  """bf16 inputs give bf16 outputs within 3e-2 (absolute, unit-scale data) of the same
+  family run in float32 on the same (bf16-rounded) inputs."""
+  q, k, v = qkv(dtype=jnp.bfloat16)
+  mask = padding_mask()
+  fam = Bound(name, causal, q=q.astype(jnp.float32), mask=mask)
+  out16 = fam(q, k, v, mask)
+  out32 = fam(*(x.astype(jnp.float32) for x in (q, k, v)), mask)
+  chex.assert_type(out16, jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(out32), atol=3e-2)
+
+
+@pytest.mark.parametrize("name,causal", cases())
+def test_padding_is_ignored_and_zeroed(name, causal):
+  q, k, v = qkv()
+  mask = padding_mask()
+  fam = Bound(name, causal, q=q, mask=mask)
+  out = fam(q, k, v, mask)
+  noise = qkv(seed=7)
+  pad = ~mask[:, :, None, None]
+  changed = fam(*(jnp.where(pad, 5.0 * n, x) for x, n in zip((q, k, v), noise)), mask)
+  real = np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(changed)[real], np.asarray(out)[real], atol=1e-5)
+  assert np.all(np.asarray(out)[~real] == 0.0)
+
+
+@pytest.mark.parametrize("name", [n for n, c in cases() if c])
+def test_causality(name):
+  """Changing positions >= t changes no output before t. Content-routed families: only
+  values are changed (their routing may legitimately move earlier tokens)."""
+  q, k, v = qkv()
+  full = jnp.ones(q.shape[:2], bool)
+  fam = Bound(name, True, q=q, mask=full)
+  out = fam(q, k, v, full)
+  length = q.shape[1]
+  for t in (1, length // 3, length - 1):
+    future = (jnp.arange(length) >= t)[None, :, None, None]
+    noise = qkv(seed=11 + t)
+    new = [jnp.where(future, n, x) for x, n in zip((q, k, v), noise)]
+    if name in CONTENT_ROUTED:
+      new[:2] = [q, k]
+    changed = fam(*new, full)
+    np.testing.assert_allclose(np.asarray(changed[:, :t]), np.asarray(out[:, :t]), atol=1e-5,
+                               err_msg=f"{name}: output before {t} depends on the future")
+
+
+@pytest.mark.parametrize("name,causal", cases())
+def test_fully_padded_row(name, causal):
+  """A batch entry with no real token: zeros, and no NaN in outputs or gradients."""
+  q, k, v = qkv()
+  mask = padding_mask().at[1].set(False)
+  fam = Bound(name, causal, q=q, mask=mask)
+  out = fam(q, k, v, mask)
+  assert np.all(np.asarray(out[1]) == 0.0)
+  chex.assert_tree_all_finite(out)
+  chex.assert_tree_all_finite(fam.grad(q, k, v, mask))
+
+
+@pytest.mark.parametrize("name,causal", cases())
+def test_eval_is_a_pure_function(name, causal):
+  """At evaluation the output depends on variables and inputs only: the RNG streams a
+  training step would provide change nothing, bitwise."""
+  q, k, v = qkv()
+  mask = padding_mask()
+  fam = Bound(name, causal, q=q, mask=mask)
+  out = fam(q, k, v, mask, rng=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(fam(q, k, v, mask, rng=jax.random.PRNGKey(2)), out)
+  np.testing.assert_allclose(fam(q, k, v, mask), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,option", [("lsh", "redraw"), ("performer", "redraw")])
+def test_redraw_in_training_only(name, option):
+  """With redraw, training calls draw fresh randomness from the "dropout" stream;
+  evaluation keeps the fixed per-layer draw."""
+  q, k, v = qkv()
+  fam = Bound(name, **{option: True})
+  a = fam(q, k, v, deterministic=False, rng=jax.random.PRNGKey(1))
+  b = fam(q, k, v, deterministic=False, rng=jax.random.PRNGKey(2))
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(fam(q, k, v, deterministic=False, rng=jax.random.PRNGKey(1)), a)
+  fixed = Bound(name, **{option: False})
+  np.testing.assert_array_equal(
+      fixed(q, k, v, deterministic=False, rng=jax.random.PRNGKey(1)), fixed(q, k, v))
+
+
+def test_routing_centroids_move_only_in_training():
+  q, k, v = qkv()
+  fam = Bound("routing", q=q)
+  before = fam.variables["state"]["centroids"]
+  apply = jax.jit(fam.module.apply, static_argnames=("deterministic", "mutable"))
+  _, state = apply(fam.variables, q, k, v, deterministic=True, mutable=("state",))
+  np.testing.assert_array_equal(state["state"]["centroids"], before)
+  _, state = apply(fam.variables, q, k, v, deterministic=False, mutable=("state",))
+  after = state["state"]["centroids"]
+  assert 0 < float(jnp.abs(after - before).max()) < 0.01  # EMA with decay 0.999
+  np.testing.assert_allclose(np.linalg.norm(after, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ea.names())
+def test_other_head_dims(name):
+  """Head dims other than 8 and a single head work too."""
+  q, k, v = qkv(heads=1, dim=16, length=20)
+  fam = Bound(name, q=q, **({"dilation": 2} if name == "dilated" else {}))
+  chex.assert_shape(fam(q, k, v), q.shape)

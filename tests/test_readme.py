@@ -1,0 +1,13 @@
+"""README.md's Python examples run as written."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_python_examples_run():
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  assert blocks
+  for block in blocks:
+    exec(compile(block, str(README), "exec"), {})
