@@ -12,3 +12,4 @@ HEADS = "heads"
 KV = "kv"          # per-head feature dimension
 MLP = "mlp"
 VOCAB = "vocab"
+LAYERS = "layers"  # leading axis of parameters stacked over a scanned stack of layers

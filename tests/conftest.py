@@ -1,6 +1,22 @@
-"""Test-wide settings: float32 matmuls at full precision so tolerances mean the same on
-every backend."""
+"""Test-wide settings.
 
-import jax
+* Tests compile many small programs and run them on tiny inputs, so compile time
+  dominates: LLVM's optimisation level 0 halves it (XLA's HLO passes, and so numerics and
+  buffer assignment, are unchanged). Set before JAX initialises its backend.
+* float32 matmuls at full precision, so tolerances mean the same on every backend.
+"""
+
+import os
+import pathlib
+import sys
+
+_FAST_COMPILE = "--xla_backend_optimization_level=0"
+if _FAST_COMPILE.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# tests/support.py holds helpers for every test directory.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

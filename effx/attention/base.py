@@ -31,6 +31,9 @@ class Family(nn.Module):
   # have ``allow_matrix(q, k, *, mask=None) -> [batch, heads, length, length]`` (called through
   # ``apply``); None: the family is not a sparsity pattern (low-rank, kernel, learned mixing).
   pattern_kind: ClassVar[str | None] = None
+  # Whether the family keeps non-parameter variables it updates in training (routing's
+  # centroids in the "state" collection).
+  mutable_state: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.causal and not self.supports_causal:

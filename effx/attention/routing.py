@@ -163,6 +163,7 @@ class RoutingAttention(Family):
   """
 
   pattern_kind = "content"
+  mutable_state = True
 
   num_clusters: int = 8
   window: int | None = None

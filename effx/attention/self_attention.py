@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from effx import axes
 from effx.attention import registry
+from effx.layers.positional import apply_rotary
 
 HEAD_AXES = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
 
@@ -38,6 +39,7 @@ class SelfAttention(nn.Module):
     param_dtype: parameter dtype (also passed to families that have parameters).
     kernel_init: initializer of the projection kernels.
     use_bias: projections with biases.
+    rotary: rotate queries and keys by their positions (rotary embeddings).
   """
 
   num_heads: int
@@ -51,6 +53,7 @@ class SelfAttention(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   use_bias: bool = True
+  rotary: bool = False
 
   def __post_init__(self):
     if not isinstance(self.num_heads, int) or self.num_heads <= 0:
@@ -72,19 +75,27 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, *, qk_input: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
     """Attends ``x [batch, length, features]`` to itself.
 
     Args:
       x: inputs.
       mask: optional ``[batch, length]`` padding mask, True = real token.
       deterministic: disables dropout and any training-time randomness of the family.
+      qk_input: optional ``[batch, length, features]`` fed to the query and key
+        projections instead of ``x`` (values still see ``x``): Shortformer's
+        position-infused attention passes ``x + position_embeddings``.
+      positions: ``[batch, length]`` integer positions for ``rotary`` (default
+        ``0..length-1``).
 
     Returns:
       ``[batch, length, out_features]``.
     """
     if x.ndim != 3:
       raise ValueError(f"SelfAttention: x must be [batch, length, features], got {x.shape}")
+    if qk_input is not None and qk_input.shape != x.shape:
+      raise ValueError(f"SelfAttention: qk_input has shape {qk_input.shape}, x has {x.shape}")
     head_dim = self.qkv_features // self.num_heads
     project = functools.partial(
         nn.DenseGeneral, features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
@@ -92,8 +103,13 @@ class SelfAttention(nn.Module):
         kernel_init=nn.with_logical_partitioning(self.kernel_init,
                                                  (axes.EMBED, axes.HEADS, axes.KV)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.HEADS, axes.KV)))
-    q, k, v = (nn.with_logical_constraint(project(name=n)(x), HEAD_AXES)
-               for n in ("query", "key", "value"))             # [b, l, h, d]
+    qk_x = x if qk_input is None else qk_input
+    q, k, v = (nn.with_logical_constraint(project(name=n)(inp), HEAD_AXES)
+               for n, inp in (("query", qk_x), ("key", qk_x), ("value", x)))  # [b, l, h, d]
+    if self.rotary:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      q, k = apply_rotary(q, positions), apply_rotary(k, positions)
     mixer = registry.make(self.attention, causal=self.causal, module_name="mixer",
                           **self._family_options())
     mixed = mixer(q, k, v, mask=mask, deterministic=deterministic)

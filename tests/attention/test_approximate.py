@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import effx.attention as ea
-from conftest import padding_mask, qkv
+from support import padding_mask, qkv
 from effx.attention import linear, performer, sinkhorn
 
 

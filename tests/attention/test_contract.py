@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import effx.attention as ea
-from conftest import Bound, cases, padding_mask, qkv
+from support import Bound, cases, padding_mask, qkv
 
 # Families whose bucketing looks at every token: later tokens may change which earlier
 # keys a query sees, but a later token's value never reaches an earlier output.

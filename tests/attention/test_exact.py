@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import effx.attention as ea
-from conftest import padding_mask
+from support import padding_mask
 from effx.attention import lsh as lsh_lib
 
 RTOL = 1e-5

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import effx.attention as ea
-from conftest import qkv
+from support import qkv
 
 ANCHORS = ("dense", "blockwise", "local", "dilated", "sparse", "longformer", "bigbird", "lsh",
            "routing", "sinkhorn", "linformer", "synthesizer", "nystrom", "performer", "linear")

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import effx.attention as ea
-from conftest import SMALL, padding_mask
+from support import SMALL, padding_mask
 
 X = jax.random.normal(jax.random.PRNGKey(0), (2, 37, 24))
 MASK = padding_mask(2, 37)

@@ -1,4 +1,4 @@
-"""Shared helpers for the attention tests: small options per family and random inputs."""
+"""Helpers shared by the tests: small family options, random inputs, bound families."""
 
 from __future__ import annotations
 
