@@ -76,14 +76,63 @@ def memory_table(lengths=(4096, 8192), causal: bool = False, **shape) -> list[di
   return rows
 
 
+def stack_memory(num_layers: int, length: int, *, reversible: bool = False,
+                 remat: str = "none", attention: str = "dense", emb_dim: int = 128,
+                 num_heads: int = 4, mlp_dim: int = 256, batch: int = 1,
+                 ff_chunk_size: int | None = None, **attention_kwargs) -> dict[str, int]:
+  """Compiled byte counts of forward + backward (w.r.t. parameters and inputs) through a
+  ``Stack`` of ``num_layers`` blocks on ``[batch, length, emb_dim]`` inputs."""
+  from effx.layers.config import BlockConfig  # noqa: PLC0415 (avoid a cycle at import)
+  from effx.layers.stack import Stack  # noqa: PLC0415
+
+  cfg = BlockConfig(emb_dim=emb_dim, num_heads=num_heads, qkv_dim=emb_dim, mlp_dim=mlp_dim,
+                    attention=attention, attention_kwargs=tuple(attention_kwargs.items()),
+                    ff_chunk_size=ff_chunk_size, remat=remat)
+  model = Stack(cfg, num_layers=num_layers, reversible=reversible)
+  x = jax.ShapeDtypeStruct((batch, length, emb_dim), jnp.float32)
+  init = lambda rng, x: model.init(rng, x, None, True)  # noqa: E731 (keep the flag static)
+  params = nn.unbox(jax.eval_shape(init, jax.random.PRNGKey(0), x))["params"]
+
+  def loss(params, x):
+    y, _ = model.apply({"params": params}, x, None, True)
+    return jnp.sum(jnp.square(y))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  stats = compiled.memory_analysis()
+  return {"temp": int(stats.temp_size_in_bytes), "argument": int(stats.argument_size_in_bytes),
+          "output": int(stats.output_size_in_bytes)}
+
+
+def feed_forward_memory(length: int, chunk_size: int | None, *, emb_dim: int = 128,
+                        mlp_dim: int = 1024, batch: int = 1) -> int:
+  """Compiled forward+backward temporary bytes of one ``FeedForward`` layer."""
+  from effx.layers.feed_forward import FeedForward  # noqa: PLC0415
+
+  layer = FeedForward(mlp_dim=mlp_dim, chunk_size=chunk_size)
+  x = jax.ShapeDtypeStruct((batch, length, emb_dim), jnp.float32)
+  params = nn.unbox(jax.eval_shape(layer.init, jax.random.PRNGKey(0), x))["params"]
+
+  def loss(params, x):
+    return jnp.sum(jnp.square(layer.apply({"params": params}, x)))
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
 def main(argv=None) -> None:
   import argparse  # noqa: PLC0415
 
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="4096,8192", help="comma-separated lengths")
   parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--stack", action="store_true",
+                      help="instead: layer stacks (plain / remat / reversible) at 2, 6, 12 "
+                           "layers and chunked feed-forward, at the last length")
   args = parser.parse_args(argv)
   lengths = [int(x) for x in args.lengths.split(",")]
+  if args.stack:
+    _print_stack_tables(lengths[-1])
+    return
   rows = memory_table(lengths, causal=args.causal)
   dense = next(r for r in rows if r["family"] == "dense")
   print(f"{'family':12s}" + "".join(f"{n:>12d}" for n in lengths)
@@ -93,6 +142,19 @@ def main(argv=None) -> None:
     ratio = dense[lengths[-1]] / r[lengths[-1]]
     growth = r[lengths[-1]] / r[lengths[-2]] if len(lengths) > 1 else float("nan")
     print(f"{r['family']:12s}{mib}{ratio:9.1f}x{growth:7.2f}x")
+
+
+def _print_stack_tables(length: int) -> None:
+  variants = {"plain": {}, "remat full": dict(remat="full"), "remat dots": dict(remat="dots"),
+              "remat attention": dict(remat="attention"), "reversible": dict(reversible=True)}
+  print(f"stack forward+backward temporaries (MiB), length {length}, width 128, dense")
+  print(f"{'variant':16s}" + "".join(f"{n:>10d}L" for n in (2, 6, 12)))
+  for label, kwargs in variants.items():
+    mib = [stack_memory(n, length, **kwargs)["temp"] / 2**20 for n in (2, 6, 12)]
+    print(f"{label:16s}" + "".join(f"{m:11.0f}" for m in mib))
+  print(f"feed-forward (mlp 1024) forward+backward temporaries (MiB), length {4 * length}")
+  for chunk in (None, 4096, 1024, 256):
+    print(f"  chunk {chunk!s:>5s}: {feed_forward_memory(4 * length, chunk) / 2**20:8.0f}")
 
 
 if __name__ == "__main__":

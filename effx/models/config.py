@@ -1,0 +1,139 @@
+"""``ModelConfig``: the validated form of ``config.model``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from effx.attention import registry
+from effx.layers.config import BlockConfig
+from effx.layers.memory import check_memory
+from effx.layers.reversible import check_reversible
+
+KINDS = ("classifier", "dual_encoder", "causal_lm")
+POOLS = ("cls", "mean")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every ``config.model`` key, with its default. Unknown keys are errors.
+
+  Attributes:
+    kind: ``"classifier"`` | ``"dual_encoder"`` | ``"causal_lm"``.
+    vocab_size: token ids are ``0..vocab_size-1``; 0 is padding.
+    max_len: longest input (learned positions have this many rows).
+    num_classes: classifier outputs (ignored by ``causal_lm``).
+    num_layers, emb_dim, num_heads, qkv_dim, mlp_dim: transformer sizes.
+    dropout_rate: on embeddings, sub-block outputs and the feed-forward hidden layer.
+    attention_dropout_rate: on the mixed attention heads.
+    attention, attention_kwargs: family name and options.
+    pool: ``"cls"`` (a learned [CLS] vector prepended to the sequence) or ``"mean"``
+      (over real tokens); classifiers only.
+    positional: ``"learned"`` | ``"sinusoidal"`` | ``"rotary"`` | ``"shortformer"`` |
+      ``"none"``.
+    reversible: reversible residual stack.
+    ff_chunk_size: feed-forward chunk length (None: unchunked).
+    remat: ``"none"`` | ``"full"`` | ``"dots"`` | ``"attention"``.
+    classifier_dim: hidden width of the classifier head (default: ``mlp_dim``).
+    mem_len, compressed_len, compression_rate, compression: segment memory of the
+      causal LM (``effx.layers.memory``).
+    dtype: computation dtype, ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
+  """
+
+  kind: str = "classifier"
+  vocab_size: int = 256
+  max_len: int = 1024
+  num_classes: int = 2
+  num_layers: int = 2
+  emb_dim: int = 128
+  num_heads: int = 4
+  qkv_dim: int = 128
+  mlp_dim: int = 256
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  attention: str = "dense"
+  attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  pool: str = "cls"
+  positional: str = "learned"
+  reversible: bool = False
+  ff_chunk_size: int | None = None
+  remat: str = "none"
+  classifier_dim: int | None = None
+  mem_len: int = 0
+  compressed_len: int = 0
+  compression_rate: int = 2
+  compression: str = "mean"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    _choice("kind", self.kind, KINDS)
+    _choice("pool", self.pool, POOLS)
+    _choice("dtype", self.dtype, tuple(DTYPES))
+    for name in ("vocab_size", "max_len", "num_classes", "num_layers"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"model.{name}={value!r} must be a positive integer")
+    if self.kind == "causal_lm" and not registry.supports_causal(self.attention):
+      causal = [n for n in registry.names() if registry.supports_causal(n)]
+      raise ValueError(f"model.attention={self.attention!r} cannot be causal, which "
+                       f"model.kind='causal_lm' needs; causal families: {', '.join(causal)}")
+    if self.kind != "causal_lm" and (self.mem_len or self.compressed_len):
+      raise ValueError("model.mem_len / model.compressed_len are for model.kind='causal_lm'")
+    block = self.block  # validates the block options
+    if self.reversible:
+      check_reversible(block)
+    if self.kind == "causal_lm":
+      check_memory(block, self.mem_len, self.compressed_len, self.compression_rate,
+                   self.compression)
+      if self.reversible and self.mem_len:
+        raise ValueError("model.reversible=True does not support segment memory "
+                         "(model.mem_len > 0)")
+      if self.positional == "learned" and self.mem_len:
+        raise ValueError("model.positional='learned' cannot index positions past max_len "
+                         "across segments; use 'rotary', 'sinusoidal' or 'shortformer' "
+                         "with model.mem_len > 0")
+
+  @property
+  def block(self) -> BlockConfig:
+    return BlockConfig(
+        emb_dim=self.emb_dim, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
+        mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate, attention=self.attention,
+        attention_kwargs=tuple(sorted(dict(self.attention_kwargs).items())),
+        causal=self.kind == "causal_lm", ff_chunk_size=self.ff_chunk_size,
+        positional=self.positional, remat=self.remat, dtype=DTYPES[self.dtype])
+
+
+def _choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"model.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def model_config(config: Mapping[str, Any]) -> ModelConfig:
+  """``ModelConfig`` from a ``config.model`` ConfigDict or dict; unknown keys and wrong
+  types raise errors naming the key."""
+  values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown model config key(s): {', '.join('model.' + k for k in unknown)}"
+                     f"; valid keys: {', '.join(fields)}")
+  for name, value in values.items():
+    default = fields[name].default
+    if isinstance(default, bool) and not isinstance(value, bool):
+      raise TypeError(f"model.{name}={value!r} must be a bool")
+    if (isinstance(default, int) and not isinstance(default, bool)
+        and (not isinstance(value, int) or isinstance(value, bool))):
+      raise TypeError(f"model.{name}={value!r} must be an int")
+    if isinstance(default, float) and not isinstance(value, (int, float)):
+      raise TypeError(f"model.{name}={value!r} must be a number")
+    if isinstance(default, str) and not isinstance(value, str):
+      raise TypeError(f"model.{name}={value!r} must be a string")
+  kwargs = values.get("attention_kwargs")
+  if kwargs is not None:
+    values["attention_kwargs"] = {k: tuple(v) if isinstance(v, list) else v
+                                  for k, v in dict(kwargs).items()}
+  return ModelConfig(**values)

@@ -1,0 +1,52 @@
+"""Token embeddings with positions and the padding mask (padding id 0)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from effx import axes
+from effx.layers.positional import AbsolutePositions
+from effx.models.config import DTYPES, ModelConfig
+
+
+class Embedder(nn.Module):
+  """``tokens [batch, length]`` -> ``(x [batch, length', emb_dim], mask, positions)``.
+
+  ``mask`` is ``tokens != 0``. With ``config.pool == "cls"`` (classifiers) a learned
+  [CLS] vector is prepended (``length' = length + 1``, CLS at position 0). Learned and
+  sinusoidal positions are added here; rotary and Shortformer positions are applied
+  inside attention from the returned ``positions``. ``offset`` shifts the positions
+  (a causal LM's later segments).
+  """
+
+  config: ModelConfig
+  with_cls: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, offset: jax.Array | None = None):
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(f"inputs must be integer tokens [batch, length], got {tokens.shape}")
+    length = tokens.shape[1] + int(self.with_cls)
+    if cfg.positional == "learned" and length > cfg.max_len:
+      raise ValueError(f"input length {length} exceeds model.max_len={cfg.max_len}")
+    table = self.param("embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), (axes.VOCAB, axes.EMBED)), (cfg.vocab_size, cfg.emb_dim))
+    x = jnp.take(table, tokens, axis=0)
+    mask = tokens != 0
+    if self.with_cls:
+      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                           (axes.EMBED,)), (cfg.emb_dim,))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.emb_dim)), x], axis=1)
+      mask = jnp.concatenate([jnp.ones((x.shape[0], 1), bool), mask], axis=1)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (x.shape[0], length))
+    if offset is not None:
+      positions = positions + offset[:, None]
+    if cfg.positional in ("learned", "sinusoidal"):
+      x = x + AbsolutePositions(cfg.positional, cfg.max_len, cfg.emb_dim,
+                                name="positions")(positions)
+    x = nn.with_logical_constraint(x.astype(DTYPES[cfg.dtype]),
+                                   (axes.BATCH, axes.LENGTH, axes.EMBED))
+    return x, mask, positions

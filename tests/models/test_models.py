@@ -1,0 +1,153 @@
+"""Models built from config: a train step per family, pooling, aux, errors, NNX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+import flax.linen as nn
+
+import effx.attention as ea
+from effx import models
+from support import SMALL
+
+BASE = dict(vocab_size=20, max_len=40, num_classes=3, num_layers=2, emb_dim=16, num_heads=2,
+            qkv_dim=16, mlp_dim=32, dropout_rate=0.1)
+TOKENS = jax.random.randint(jax.random.PRNGKey(0), (2, 24), 1, 20).at[1, 15:].set(0)
+TOKENS2 = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 1, 20).at[0, 9:].set(0)
+LABELS = jnp.array([0, 2])
+
+
+def _options(name):
+  options = dict(SMALL.get(name, {}))
+  if "max_len" in options:
+    options["max_len"] = 64
+  if name == "dilated":
+    options["dilation"] = 2  # per-head tuples need 3 heads; these models have 2
+  return options
+
+
+def _train_step(model, args, targets):
+  """Initialises and takes one AdamW step, compiled as a single program. Returns the
+  loss and whether every updated parameter is finite."""
+  opt = optax.adamw(1e-3)
+
+  @jax.jit
+  def init_and_step(key):
+    variables = model.init(key, *args)
+    params = variables["params"]
+    state = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss_fn(params):
+      (logits, aux), new_state = model.apply({"params": params, **state}, *args, train=True,
+                                             rngs={"dropout": key}, mutable=list(state))
+      labels = targets if logits.ndim == 2 else args[0]
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss + aux.get("compression_loss", 0.0), new_state
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
+    return loss, finite
+
+  loss, finite = init_and_step(jax.random.PRNGKey(0))
+  return float(loss), bool(finite)
+
+
+ONE_LAYER = dict(BASE, num_layers=1)
+
+
+@pytest.mark.parametrize("name", ea.names())
+def test_classifier_train_step(name):
+  model = models.build(dict(ONE_LAYER, attention=name, attention_kwargs=_options(name)))
+  loss, finite = _train_step(model, (TOKENS,), LABELS)
+  assert np.isfinite(loss) and finite
+
+
+@pytest.mark.parametrize("name", ea.names())
+def test_dual_encoder_train_step(name):
+  model = models.build(dict(ONE_LAYER, kind="dual_encoder", pool="mean", attention=name,
+                            attention_kwargs=_options(name)))
+  loss, finite = _train_step(model, (TOKENS, TOKENS2), LABELS)
+  assert np.isfinite(loss) and finite
+
+
+@pytest.mark.parametrize("name", [n for n in ea.names() if ea.supports_causal(n)])
+def test_causal_lm_train_step(name):
+  model = models.build(dict(ONE_LAYER, kind="causal_lm", attention=name, positional="rotary",
+                            mem_len=8, attention_kwargs=_options(name)))
+  loss, finite = _train_step(model, (TOKENS,), None)
+  assert np.isfinite(loss) and finite
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_pooling_ignores_padding(pool):
+  """Appending padding changes no logit (the mask comes from token id 0)."""
+  model = models.build(dict(BASE, pool=pool, dropout_rate=0.0))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS)
+  apply = jax.jit(model.apply)
+  logits, _ = apply(variables, TOKENS)
+  padded = jnp.pad(TOKENS, ((0, 0), (0, 8)))
+  np.testing.assert_allclose(apply(variables, padded)[0], logits, atol=1e-5)
+
+
+def test_mean_pool_weights_only_real_tokens():
+  x = jnp.array([[[1.0], [3.0], [100.0]]])
+  assert float(models.pool(x, jnp.array([[True, True, False]]), "mean")[0, 0]) == 2.0
+
+
+def test_aux_holds_named_intermediates():
+  model = models.build(dict(BASE, num_layers=3))
+  logits, aux = jax.jit(model.apply)(jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS), TOKENS)
+  assert logits.shape == (2, 3)
+  assert aux["hidden"].shape == (3, 2, 25, 16)       # layers, batch, CLS + tokens, width
+  assert aux["attention"].shape == (3, 2, 25, 16)
+  assert aux["embedded"].shape == aux["final"].shape == (2, 25, 16)
+  assert aux["pooled"].shape == (2, 16) and aux["mask"].shape == (2, 25)
+
+
+def test_every_parameter_has_logical_axes():
+  for kind, args in (("classifier", (TOKENS,)), ("dual_encoder", (TOKENS, TOKENS2)),
+                     ("causal_lm", (TOKENS,))):
+    model = models.build(dict(BASE, kind=kind, reversible=kind == "classifier"))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
+    leaves = jax.tree.leaves(variables["params"],
+                             is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    bare = [x for x in leaves if not isinstance(x, nn.LogicallyPartitioned)]
+    assert not bare, f"{kind}: {len(bare)} parameters without logical axis names"
+
+
+def test_whole_model_and_block_under_nnx():
+  model = models.build(BASE)
+  with nnx.use_eager_sharding(False):
+    wrapped = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
+    nnx.bridge.lazy_init(wrapped, TOKENS)
+    logits, _ = wrapped(TOKENS)
+  assert logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(hidden_size=3), ValueError, "unknown model config key.*model.hidden_size"),
+    (dict(num_layers="two"), TypeError, "model.num_layers='two' must be an int"),
+    (dict(kind="seq2seq"), ValueError, "model.kind='seq2seq'"),
+    (dict(num_heads=3), ValueError, "qkv_dim=16 is not divisible by model.num_heads=3"),
+    (dict(reversible=True, emb_dim=15, qkv_dim=15, num_heads=3), ValueError,
+     "emb_dim=15 must be even"),
+    (dict(ff_chunk_size=0), ValueError, "ff_chunk_size=0"),
+    (dict(attention="flash"), ValueError, "unknown attention family 'flash'"),
+    (dict(attention_kwargs={"window": 0}, attention="local"), ValueError, "window=0"),
+    (dict(pool="max"), ValueError, "model.pool='max'"),
+    (dict(remat="some"), ValueError, "remat='some'"),
+    (dict(mem_len=4), ValueError, "causal_lm"),
+])
+def test_bad_config(overrides, error, match):
+  with pytest.raises(error, match=match):
+    models.build(dict(BASE, **overrides))
+
+
+def test_too_long_input():
+  model = models.build(BASE)
+  with pytest.raises(ValueError, match="exceeds model.max_len=40"):
+    model.init(jax.random.PRNGKey(0), jnp.ones((1, 45), jnp.int32))
