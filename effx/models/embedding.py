@@ -15,7 +15,8 @@ class Embedder(nn.Module):
   """``tokens [batch, length]`` -> ``(x [batch, length', emb_dim], mask, positions)``.
 
   ``mask`` is ``tokens != 0``. With ``config.pool == "cls"`` (classifiers) a learned
-  [CLS] vector is prepended (``length' = length + 1``, CLS at position 0). Learned and
+  [CLS] vector is prepended (``length' = length + 1``, CLS at position 0; the
+  position table has ``max_len + 1`` rows, so inputs may be ``max_len`` long). Learned and
   sinusoidal positions are added here; rotary and Shortformer positions are applied
   inside attention from the returned ``positions``. ``offset`` shifts the positions
   (a causal LM's later segments).
@@ -29,9 +30,9 @@ class Embedder(nn.Module):
     cfg = self.config
     if tokens.ndim != 2:
       raise ValueError(f"inputs must be integer tokens [batch, length], got {tokens.shape}")
+    if cfg.positional == "learned" and tokens.shape[1] > cfg.max_len:
+      raise ValueError(f"input length {tokens.shape[1]} exceeds model.max_len={cfg.max_len}")
     length = tokens.shape[1] + int(self.with_cls)
-    if cfg.positional == "learned" and length > cfg.max_len:
-      raise ValueError(f"input length {length} exceeds model.max_len={cfg.max_len}")
     table = self.param("embedding", nn.with_logical_partitioning(
         nn.initializers.normal(1.0), (axes.VOCAB, axes.EMBED)), (cfg.vocab_size, cfg.emb_dim))
     x = jnp.take(table, tokens, axis=0)
@@ -45,7 +46,7 @@ class Embedder(nn.Module):
     if offset is not None:
       positions = positions + offset[:, None]
     if cfg.positional in ("learned", "sinusoidal"):
-      x = x + AbsolutePositions(cfg.positional, cfg.max_len, cfg.emb_dim,
+      x = x + AbsolutePositions(cfg.positional, cfg.max_len + int(self.with_cls), cfg.emb_dim,
                                 name="positions")(positions)
     x = nn.with_logical_constraint(x.astype(DTYPES[cfg.dtype]),
                                    (axes.BATCH, axes.LENGTH, axes.EMBED))
