@@ -4,6 +4,7 @@ annotations; the attention family only mixes the projected heads."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -98,11 +99,9 @@ class SelfAttention(nn.Module):
       raise ValueError(f"SelfAttention: qk_input has shape {qk_input.shape}, x has {x.shape}")
     head_dim = self.qkv_features // self.num_heads
     project = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
-        param_dtype=self.param_dtype, use_bias=self.use_bias,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init,
-                                                 (axes.EMBED, axes.HEADS, axes.KV)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.HEADS, axes.KV)))
+        _Projection, features=(self.num_heads, head_dim), contract=1, dtype=self.dtype,
+        param_dtype=self.param_dtype, use_bias=self.use_bias, kernel_init=self.kernel_init,
+        kernel_axes=(axes.EMBED, axes.HEADS, axes.KV), bias_axes=(axes.HEADS, axes.KV))
     qk_x = x if qk_input is None else qk_input
     q, k, v = (nn.with_logical_constraint(project(name=n)(inp), HEAD_AXES)
                for n, inp in (("query", qk_x), ("key", qk_x), ("value", x)))  # [b, l, h, d]
@@ -115,9 +114,46 @@ class SelfAttention(nn.Module):
     mixed = mixer(q, k, v, mask=mask, deterministic=deterministic)
     mixed = nn.with_logical_constraint(mixed, HEAD_AXES)
     mixed = nn.Dropout(self.dropout_rate)(mixed, deterministic=deterministic)
-    return nn.DenseGeneral(
-        features=self.out_features or x.shape[-1], axis=(-2, -1), dtype=self.dtype,
-        param_dtype=self.param_dtype, use_bias=self.use_bias, name="out",
-        kernel_init=nn.with_logical_partitioning(self.kernel_init,
-                                                 (axes.HEADS, axes.KV, axes.EMBED)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)))(mixed)
+    return _Projection(
+        features=(self.out_features or x.shape[-1],), contract=2, dtype=self.dtype,
+        param_dtype=self.param_dtype, use_bias=self.use_bias, kernel_init=self.kernel_init,
+        kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), bias_axes=(axes.EMBED,),
+        name="out")(mixed)
+
+
+class _Projection(nn.Module):
+  """``nn.DenseGeneral`` over the last ``contract`` axes, with the same parameter names,
+  shapes and initial values, but sharding-annotated at its real shape: DenseGeneral
+  initialises a flattened kernel and applies the logical constraint to that, which fails
+  under a device mesh for kernels of rank > 2."""
+
+  features: tuple[int, ...]
+  contract: int
+  kernel_axes: tuple[str, ...]
+  bias_axes: tuple[str, ...]
+  kernel_init: Any
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.contract:]
+    shape = (*in_shape, *self.features)
+
+    def init(key, shape, dtype):  # initialise as the flat matrix DenseGeneral would
+      flat = (math.prod(in_shape), math.prod(self.features))
+      return self.kernel_init(key, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        shape, self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    batch_dims = x.ndim - self.contract
+    y = jax.lax.dot_general(x, kernel, ((tuple(range(batch_dims, x.ndim)),
+                                         tuple(range(self.contract))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.bias_axes),
+                        self.features, self.param_dtype)
+      y = y + jnp.asarray(bias, y.dtype)
+    return y
