@@ -1,0 +1,66 @@
+"""What every task module returns, and the helpers they share.
+
+A task gives random-access sources (``len(source)``, ``source[i]``) of examples that
+already have the batch contract's fixed shapes: ``inputs`` int32 ``[max_len]`` (padding
+id 0), ``targets`` int32 ``[]``, and ``inputs2`` for Retrieval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+SPLITS = ("train", "validation", "test")
+BYTE_VOCAB = 257  # byte b is token b + 1; 0 is padding
+
+
+class DatasetMissingError(FileNotFoundError):
+  """A dataset that must be downloaded is not where the config points."""
+
+
+class Source(Protocol):
+  def __len__(self) -> int: ...
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+  """Sources per split and the sizes the model must match."""
+
+  splits: dict[str, Source]
+  vocab_size: int
+  num_classes: int
+  max_len: int
+  dual: bool = False  # examples carry ``inputs2`` (Retrieval)
+
+
+def pad(tokens: Sequence[int] | np.ndarray, length: int) -> np.ndarray:
+  """``tokens`` truncated or zero-padded to ``length``, int32."""
+  out = np.zeros((length,), np.int32)
+  tokens = np.asarray(tokens, np.int32)[:length]
+  out[:len(tokens)] = tokens
+  return out
+
+
+def byte_tokens(text: Any, length: int) -> np.ndarray:
+  """UTF-8 bytes of ``text`` (str or bytes) as tokens ``byte + 1``, padded to ``length``."""
+  if isinstance(text, np.ndarray):
+    text = text.item()
+  if isinstance(text, str):
+    text = text.encode("utf-8")
+  return pad(np.frombuffer(text[:length], np.uint8).astype(np.int32) + 1, length)
+
+
+class MappedSource:
+  """``fn(source[i])`` for every ``i``: a lazy, random-access map."""
+
+  def __init__(self, source: Source, fn):
+    self._source, self._fn = source, fn
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self._fn(self._source[index])
