@@ -10,7 +10,7 @@
 | ``text`` | tfds ``imdb_reviews`` (prepared, array_record) | bytes, 2 classes |
 | ``retrieval`` | LRA release AAN TSV files in ``data.dir`` | bytes, document pairs |
 | ``image`` | tfds ``cifar10`` | 1024 grayscale pixels, 10 classes |
-| ``pathfinder`` | LRA release PNGs in ``data.dir``, else generated | ``resolution`` 32 or 128 (Path-X) |
+| ``pathfinder`` | LRA release PNGs in ``data.dir``, else generated | 32 or 128 px (Path-X) |
 """
 
 from __future__ import annotations

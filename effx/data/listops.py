@@ -101,7 +101,7 @@ class Settings:
                        f"{self.max_depth} must be at least 2")
 
 
-def generate(settings: Settings, progress=None) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+def generate(settings: Settings, progress=None) -> dict:
   """Generates the three splits: ``{split: (token arrays, labels)}``.
 
   ``progress`` (optional) is called with the number of expressions kept so far.
@@ -165,7 +165,10 @@ def cache_path(settings: Settings, cache_dir: str | os.PathLike) -> pathlib.Path
   return pathlib.Path(cache_dir) / f"listops_{key.hexdigest()[:12]}.npz"
 
 
-def load(settings: Settings, cache_dir: str | os.PathLike) -> dict[str, tuple[list[np.ndarray], np.ndarray]]:
+Splits = dict[str, tuple[list[np.ndarray], np.ndarray]]
+
+
+def load(settings: Settings, cache_dir: str | os.PathLike) -> Splits:
   """The splits for ``settings``, generated on first use and cached under ``cache_dir``."""
   path = cache_path(settings, cache_dir)
   if not path.exists():
