@@ -1,0 +1,34 @@
+"""LRA ListOps: 10-way classification of nested MIN/MAX/MED/SM expressions.
+
+Settings of the LRA repository's ``listops/configs/transformer_base.py`` (4 layers,
+emb 512, MLP 1024; the paper's appendix says 6 layers / MLP 2048), data from effx's
+generator with LRA's settings (lengths 500..2000, depth 10, 10 arguments).
+
+  python -m effx.train --config=configs/lra_listops.py --workdir=/tmp/listops
+  python -m effx.train --config=configs/lra_listops.py:small --workdir=/tmp/listops_small
+"""
+
+from effx import defaults
+
+
+def get_config(size=None):
+  c = defaults.base("listops")
+  c.batch_size = 32
+  c.num_train_steps = 5000
+  c.learning_rate = 0.05
+  c.warmup_steps = 1000
+  c.schedule = "rsqrt"
+  c.weight_decay = 0.1
+  c.model.update(num_layers=4, emb_dim=512, qkv_dim=512, num_heads=8, mlp_dim=1024,
+                 pool="cls")
+  c = defaults.resize(c, size)
+  if size == "small":   # shorter expressions: learnable in minutes on a CPU
+    c.data.update(min_length=16, max_length=128, num_train=20_000, num_valid=1000,
+                  num_test=1000)
+    c.num_train_steps = 1000
+    c.learning_rate = 0.005
+    c.weight_decay = 0.01
+  elif size == "tiny":
+    c.data.update(min_length=8, max_length=64, num_train=500, num_valid=64, num_test=64)
+    c.learning_rate = 0.005
+  return c

@@ -1,0 +1,119 @@
+"""Checkpoints of a training run: orbax, atomic, newest K kept, with restore fallback.
+
+``workdir/checkpoints/<step>/`` holds ``state`` (params, optimizer state, step),
+``data`` (the input iterator's position) and ``meta`` (best validation so far).
+``workdir/best/<step>/`` holds the parameters of the best-on-validation step, for the
+final test evaluation. Orbax writes each step into a temporary folder and renames it
+when complete, so a kill mid-save leaves the previous checkpoint as the newest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
+
+
+def abstract_like(tree, shardings):
+  """``ShapeDtypeStruct``s of ``tree`` (arrays or shape structs) carrying ``shardings``:
+  the target orbax restores into, laid out for the current mesh."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpoints:
+  """The run's checkpoint folders."""
+
+  def __init__(self, workdir: str, keep: int, *, asynchronous: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data", "meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=asynchronous))
+    self.best = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "best"), item_names=("params",),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                             enable_async_checkpointing=False))
+
+  def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore_latest(self, abstract_state) -> tuple[Any, dict, dict, int] | None:
+    """Newest checkpoint that restores: ``(state, data_state, meta, step)``, or None.
+
+    A checkpoint that fails (half-deleted, corrupted) is reported, the next older one
+    tried, and the damaged folder renamed ``<step>.damaged`` (kept for inspection, out
+    of the way of the resumed run's saves).
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+      except Exception as error:  # orbax raises many types for a damaged step
+        logging.error("checkpoint %s/%d failed to restore (%s: %s); trying an older one",
+                      self.directory, step, type(error).__name__, str(error)[:500])
+        damaged.append(step)
+        continue
+      self._set_aside(damaged)
+      return restored.state, restored.data, restored.meta, step
+    self._set_aside(damaged)
+    return None
+
+  def _set_aside(self, steps) -> None:
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        os.replace(path, f"{path}.damaged")
+        logging.error("moved the damaged checkpoint to %s.damaged", path)
+    multihost_utils.sync_global_devices("effx_checkpoint_set_aside")
+    self.manager.reload()
+
+  def save_best(self, step: int, params) -> None:
+    for old in self.best.all_steps():
+      if old >= step:  # left over from a run that was killed and resumed earlier
+        self.best.delete(old)
+    self.best.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
+                   force=True)
+
+  def drop_best_after(self, step: int) -> None:
+    """Forgets best checkpoints newer than the resumed step (they will be redone)."""
+    for old in self.best.all_steps():
+      if old > step:
+        self.best.delete(old)
+
+  def restore_best(self, abstract_params, step: int):
+    return self.best.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params))).params
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+    self.best.close()
+
+
+def restore_params(directory: str, abstract_params):
+  """Parameters from another run's checkpoint folder (its newest step): used for
+  ``config.init_checkpoint``. ``directory`` is a workdir or its ``checkpoints`` folder."""
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    directory = os.path.join(directory, "checkpoints")
+  with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init_checkpoint={directory!r} holds no checkpoint")
+    item = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  return restored.state["params"]

@@ -1,0 +1,81 @@
+"""Config files and ``--config.a.b=value`` overrides, with errors that name the key.
+
+``ml_collections``' own config flag reports an unknown override key as a bare
+``AttributeError`` and cannot add keys; effx parses overrides itself so that a typo
+names the key and the valid ones, and so that attention options can be given one by
+one (``--config.model.attention_kwargs.num_features=128``): ``attention_kwargs`` is
+the one mapping whose keys are open, and the attention family validates them.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+OPEN_MAPPINGS = ("model.attention_kwargs",)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``path/to/config.py`` or ``path/to/config.py:arg`` -> ``get_config([arg])``."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config={spec}: no config file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("effx_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"--config={spec}: {path} defines no get_config()")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Separates ``--config.key=value`` arguments from the others."""
+  rest, overrides = [], []
+  for arg in argv:
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        raise ValueError(f"{arg}: overrides are written --config.{key}=VALUE")
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def parse_value(text: str):
+  """A Python literal (``128``, ``0.1``, ``True``, ``(0, 1)``, ``None``) or the string."""
+  lowered = text.lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+  """Sets each ``(dotted key, value text)``; unknown keys and wrong types raise."""
+  for key, text in overrides:
+    *parents, leaf = key.split(".")
+    node, walked = config, []
+    for name in parents:
+      walked.append(name)
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise ValueError(f"--config.{key}: unknown key config.{'.'.join(walked)}")
+      node = node[name]
+    open_mapping = ".".join(parents) in OPEN_MAPPINGS
+    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_mapping):
+      valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+      raise ValueError(f"--config.{key}: unknown key config.{key}; valid keys here: {valid}")
+    value = parse_value(text)
+    try:
+      with node.unlocked():
+        node[leaf] = value
+    except TypeError as error:
+      raise TypeError(f"--config.{key}={text}: wrong type ({error})") from None
+  return config

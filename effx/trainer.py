@@ -1,0 +1,348 @@
+"""``train_and_evaluate(config, workdir)``: the one training loop of effx.
+
+Resume order (first that applies):
+  1. the newest checkpoint in ``workdir/checkpoints`` that restores (older ones are
+     tried if the newest is damaged);
+  2. parameters from ``config.init_checkpoint`` (a workdir or checkpoint folder);
+  3. scratch, from ``config.seed``.
+A resumed run restores parameters, optimizer state, step, the data iterator's position
+and the best-validation bookkeeping, and dropout keys derive from the step, so it ends
+exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import resource
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from effx import checkpoint as ckpt
+from effx import data as data_lib
+from effx import defaults, metrics, models, optim, sharding, steps
+from effx.data import pipeline
+
+# Model keys the task decides; a config may repeat them only with the task's value.
+TASK_MODEL_KEYS = ("vocab_size", "num_classes", "max_len")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Unknown keys, wrong types and impossible combinations raise, naming the key, before
+  anything is compiled (data-dependent checks happen when the task is loaded)."""
+  if "data" not in config or "task" not in config.data:
+    raise ValueError("config.data.task is missing (one of: "
+                     f"{', '.join(data_lib.TASKS)})")
+  data_lib.check_task(config.data.task)
+  base = defaults.base(config.data.task)
+  unknown = sorted(set(config.keys()) - set(base.keys()))
+  if unknown:
+    raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}; "
+                     f"valid keys: {', '.join(base.keys())}")
+  for key, default in base.items():
+    if key in ("model", "data", "mesh", "sharding_rules") or key not in config:
+      continue
+    value = config[key]
+    if isinstance(default, bool) or isinstance(value, bool):
+      ok = isinstance(value, bool) == isinstance(default, bool)
+    elif isinstance(default, int):
+      ok = isinstance(value, int)
+    elif isinstance(default, float):
+      ok = isinstance(value, (int, float))
+    else:
+      ok = isinstance(value, type(default))
+    if not ok:
+      raise TypeError(f"config.{key}={value!r} must be a {type(default).__name__}")
+  for key in ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints", "log_every_steps", "grad_accum_steps", "data_threads"):
+    if key in config and config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be positive")
+  for key in ("warmup_steps", "max_eval_examples"):
+    if key in config and config[key] < 0:
+      raise ValueError(f"config.{key}={config[key]} must be >= 0")
+  if config.batch_size % config.grad_accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.grad_accum_steps={config.grad_accum_steps}")
+  optim.schedule(config)  # validates config.schedule
+  data_lib.check_config(config.data)
+  expected_kind = "dual_encoder" if config.data.task == "retrieval" else "classifier"
+  if config.model.get("kind", expected_kind) != expected_kind:
+    raise ValueError(f"model.kind={config.model.kind!r} does not fit data.task="
+                     f"{config.data.task!r}, which needs model.kind={expected_kind!r}")
+  models.model_config(_model_dict(config))  # every model key, type and combination
+  mesh = sharding.mesh_shape(config.mesh, jax.device_count())
+  if config.batch_size % mesh[0]:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh's "
+                     f"data axis ({mesh[0]} devices; config.mesh.data={config.mesh.data})")
+  if config.model.num_heads % mesh[1] or config.model.mlp_dim % mesh[1]:
+    raise ValueError(f"config.mesh.model={mesh[1]} must divide model.num_heads="
+                     f"{config.model.num_heads} and model.mlp_dim={config.model.mlp_dim}")
+  if (config.batch_size // config.grad_accum_steps) % mesh[0]:
+    raise ValueError("config.batch_size / config.grad_accum_steps must be divisible by "
+                     f"the mesh's data axis ({mesh[0]})")
+
+
+def _model_dict(config, task: data_lib.TaskData | None = None) -> dict[str, Any]:
+  values = config.model.to_dict()
+  if task is not None:
+    given = {"vocab_size": task.vocab_size, "num_classes": task.num_classes,
+             "max_len": task.max_len}
+    for key, value in given.items():
+      if key in values and values[key] != value:
+        raise ValueError(f"model.{key}={values[key]} contradicts data.task="
+                         f"{config.data.task!r}, which has {key}={value}; drop the key")
+      values[key] = value
+  return values
+
+
+def _check_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as error:
+    raise PermissionError(f"workdir {workdir!r} is not writable: {error}") from None
+  return workdir
+
+
+def peak_memory_bytes() -> int:
+  """Peak device bytes in use on an accelerator, else the process's peak RSS."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _Stop:
+  """Set by SIGTERM (preemption): the loop checkpoints and returns."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+
+class Run:
+  """A model, its sharded state and compiled steps for one config (training or eval)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    check_config(config)
+    self.config = config
+    self.task = data_lib.load(config.data, config.seed)
+    self.model_config = models.model_config(_model_dict(config, self.task))
+    self.model = models.build(self.model_config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.rules(config)
+    self.tx = optim.optimizer(config)
+    self.schedule = optim.schedule(config)
+    root = jax.random.PRNGKey(config.seed)
+    self.init_key, self.dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+
+    data_size = self.mesh.shape["data"]
+    dummy = jnp.zeros((data_size, self.task.max_len), jnp.int32)
+    dummies = (dummy, dummy) if self.task.dual else (dummy,)
+
+    def init(rng):
+      variables = self.model.init({"params": rng, "dropout": rng}, *dummies, train=False)
+      params = variables["params"]
+      model_state = {k: v for k, v in variables.items() if k != "params"}
+      return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=self.tx.init(params), model_state=model_state)
+
+    with self.context():
+      boxed = jax.eval_shape(init, self.init_key)
+      self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
+      self.abstract_state = ckpt.abstract_like(sharding.strip_boxes(boxed),
+                                              self.state_shardings)
+      self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self._train_step = None
+    self._eval_step = jax.jit(functools.partial(steps.eval_step, model=self.model),
+                              out_shardings=sharding.replicated(self.mesh))
+
+  def context(self):
+    """Mesh and logical-axis rules, for tracing and running the steps."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def init_state(self) -> steps.TrainState:
+    with self.context():
+      return self._init(self.init_key)
+
+  def train_step(self, state, batch):
+    if self._train_step is None:
+      fn = functools.partial(steps.train_step, model=self.model, tx=self.tx,
+                             schedule=self.schedule, dropout_key=self.dropout_key,
+                             accumulate=self.config.grad_accum_steps)
+      self._train_step = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                                 out_shardings=(self.state_shardings,
+                                                sharding.replicated(self.mesh)),
+                                 donate_argnums=(0,))
+    with self.context():
+      return self._train_step(state, sharding.global_batch(batch, self.mesh))
+
+  def evaluate(self, params, model_state, split: str, *, whole: bool = False) -> dict[str, float]:
+    """Accuracy and loss of ``params`` on ``split``: its first ``max_eval_examples``
+    (periodic validation), or all of it when ``whole`` or that option is 0."""
+    limit = None if whole else (self.config.max_eval_examples or None)
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    with self.context():
+      for batch in pipeline.eval_batches(self.task.splits[split], self.config.batch_size,
+                                         max_examples=limit):
+        sums = jax.device_get(self._eval_step(params, model_state,
+                                              sharding.global_batch(batch, self.mesh)))
+        for k in totals:
+          totals[k] += float(sums[k])
+    return {"accuracy": totals["correct"] / totals["count"],
+            "loss": totals["loss"] / totals["count"]}
+
+
+def _save_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was started with."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} an effx.train workdir?")
+  with open(path, encoding="utf-8") as f:
+    values = json.load(f)
+  values["sharding_rules"] = tuple(tuple(r) for r in values["sharding_rules"])
+  return ml_collections.ConfigDict(values)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates on validation every ``eval_every_steps``, checkpoints, and finally
+  tests the best-on-validation parameters. Returns (and writes to
+  ``workdir/results.json``) the results."""
+  start_time = time.perf_counter()
+  workdir = _check_workdir(workdir)
+  run = Run(config)
+  _save_config(config, workdir)
+  checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
+  writer = metrics.Writer(workdir)
+  logging.info("model: %s, %d parameters; mesh %s; %d devices", config.model.attention,
+               sum(x.size for x in jax.tree.leaves(run.abstract_state.params)),
+               dict(run.mesh.shape), jax.device_count())
+
+  restored = checkpoints.restore_latest(run.abstract_state)
+  meta = {"best_accuracy": -1.0, "best_step": -1}
+  if restored is not None:
+    state, data_state, meta, start = restored
+    last_train = {"loss": meta.pop("train_loss", float("nan"))}
+    checkpoints.drop_best_after(start)
+    logging.info("resumed from %s at step %d", checkpoints.directory, start)
+  else:
+    state, data_state, start, last_train = run.init_state(), None, 0, {}
+    if config.init_checkpoint:
+      params = ckpt.restore_params(config.init_checkpoint, run.abstract_state.params)
+      state = state.replace(params=params)
+      logging.info("initialised parameters from %s", config.init_checkpoint)
+
+  dataset = pipeline.train_dataset(run.task.splits["train"], config.batch_size, config.seed)
+  iterator = pipeline.train_iterator(dataset, data_state, threads=config.data_threads)
+  stop = _Stop()
+  previous_handler = signal.signal(signal.SIGTERM, stop)
+  progress = metrics.Progress(start, config.num_train_steps, config.batch_size)
+  pending: list[dict[str, jax.Array]] = []
+  last_good, step = start, start
+
+  def drain() -> dict[str, float]:
+    """Averages the metrics since the last report; stops on a non-finite loss."""
+    nonlocal pending
+    values = jax.device_get(pending)
+    pending = []
+    losses = np.array([v["loss"] for v in values])
+    if not np.all(np.isfinite(losses)):
+      bad = step - len(values) + int(np.argmin(np.isfinite(losses)))
+      raise FloatingPointError(
+          f"loss is {losses[~np.isfinite(losses)][0]} at step {bad + 1}; stopping. The "
+          f"last good checkpoint (step {last_good}) is kept in {checkpoints.directory}. "
+          "Lower config.learning_rate, set config.grad_clip_norm, or use "
+          "config.model.dtype='float32'.")
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+  try:
+    while step < config.num_train_steps and not stop.requested:
+      state, step_metrics = run.train_step(state, next(iterator))
+      pending.append(step_metrics)
+      step += 1
+      done = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or done:
+        last_train = drain()
+        last_train.update(progress.update(step, last_train))
+        writer.write(step, "train", last_train)
+      if step % config.eval_every_steps == 0 or done:
+        result = run.evaluate(state.params, state.model_state, "validation")
+        writer.write(step, "validation", result)
+        progress.message(f"step {step}: validation accuracy {result['accuracy']:.4f}")
+        if result["accuracy"] > meta["best_accuracy"]:
+          meta = {"best_accuracy": result["accuracy"], "best_step": step}
+          checkpoints.save_best(step, {"params": state.params, "model_state": state.model_state})
+      if step % config.checkpoint_every_steps == 0 or done or stop.requested:
+        if pending:
+          last_train = drain()
+        checkpoints.save(step, state, iterator.get_state(),
+                         {**meta, "train_loss": last_train.get("loss", float("nan"))})
+        last_good = step
+  finally:
+    signal.signal(signal.SIGTERM, previous_handler)
+    progress.close()
+    checkpoints.wait()
+
+  if stop.requested and step < config.num_train_steps:
+    logging.warning("SIGTERM: checkpointed step %d in %s; rerun the same command to resume",
+                    step, checkpoints.directory)
+    checkpoints.close()
+    writer.close()
+    return {"step": step, "interrupted": True}
+
+  best_target = {"params": run.abstract_state.params,
+                 "model_state": run.abstract_state.model_state}
+  best = checkpoints.restore_best(best_target, meta["best_step"])
+  test_best = run.evaluate(best["params"], best["model_state"], "test", whole=True)
+  test_last = run.evaluate(state.params, state.model_state, "test", whole=True)
+  writer.write(step, "test", {"accuracy": test_best["accuracy"],
+                              "accuracy_last": test_last["accuracy"]})
+  results = {
+      "step": step,
+      "final_train_loss": last_train.get("loss", float("nan")),
+      "eval_accuracy": meta["best_accuracy"],
+      "best_step": meta["best_step"],
+      "test_accuracy": test_best["accuracy"],
+      "test_accuracy_last_checkpoint": test_last["accuracy"],
+      "wall_time_s": time.perf_counter() - start_time,
+      "peak_memory_bytes": peak_memory_bytes(),
+      "num_parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+  logging.info("done: validation %.4f (step %d), test %.4f (last checkpoint %.4f)",
+               results["eval_accuracy"], results["best_step"], results["test_accuracy"],
+               results["test_accuracy_last_checkpoint"])
+  checkpoints.close()
+  writer.close()
+  return results
