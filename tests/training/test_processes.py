@@ -131,3 +131,21 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert all("resumed from" in out for out in outs)
   results = json.loads((tmp_path / "multi" / "results.json").read_text())
   assert results["step"] == 10 and results["devices"].startswith("4 x")
+
+
+def test_sigterm_checkpoints_and_the_rerun_finishes(tmp_path):
+  args = ["--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
+  process = _train(tmp_path, *args, "--config.num_train_steps=100000")
+  jsonl = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and not (jsonl.exists() and len(jsonl.read_text()) > 0):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  out = _finish(process)
+  assert "SIGTERM: checkpointed step" in out
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 0 < saved[0] < 100000
+  assert not (tmp_path / "results.json").exists()
+  out = _finish(_train(tmp_path, *args, f"--config.num_train_steps={saved[0] + 5}"))
+  assert f"resumed from {tmp_path / 'checkpoints'} at step {saved[0]}" in out
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == saved[0] + 5

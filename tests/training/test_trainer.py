@@ -20,8 +20,9 @@ def _train_losses(workdir):
 
 @pytest.mark.parametrize("name,overrides", [
     ("lra_listops", {}),
-    ("lra_pathfinder", {"data.num_train": 16}),
-    ("lra_pathx", {"data.num_train": 8, "num_train_steps": 20, "batch_size": 4}),
+    ("lra_pathfinder", {"data.num_train": 16, "data.num_valid": 16, "data.num_test": 16}),
+    ("lra_pathx", {"data.num_train": 8, "data.num_valid": 8, "data.num_test": 8,
+                   "num_train_steps": 20, "batch_size": 4}),
 ])
 def test_generated_tasks_train_and_loss_falls(tmp_path, name, overrides):
   config = tiny_config(name, **overrides)
@@ -165,3 +166,13 @@ def test_init_checkpoint_starts_from_another_runs_params(tmp_path):
   assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
   assert not np.isnan(a["loss"])
   assert os.path.isdir(tmp_path / "b" / "checkpoints" / "1")
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  results = {}
+  for accumulate in (1, 2):
+    config = tiny_config("lra_listops", num_train_steps=3, grad_accum_steps=accumulate,
+                         eval_every_steps=3, checkpoint_every_steps=3)
+    trainer.train_and_evaluate(config, str(tmp_path / str(accumulate)))
+    results[accumulate] = evaluate_workdir(str(tmp_path / str(accumulate)), "validation")
+  assert results[2]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
