@@ -1,0 +1,241 @@
+"""Speed and memory of every attention family against sequence length.
+
+  python -m effx.bench.attention --families=all --lengths=512,1024,2048,4096,8192,16384 \\
+      --mode=train --out=experiments/results/cpu/attention_train
+
+For each family and length, in a fresh subprocess: the attention layer alone (already
+projected ``q, k, v [batch, length, heads, head_dim]``), forward (``infer``) or forward +
+backward w.r.t. q, k, v and the family's parameters (``train``); median / min / max time
+over ``--repeat`` runs after a warm-up (compilation is never timed); XLA's compiled
+temporary bytes (``memory_analysis()``); the process's peak memory (CPU: peak RSS,
+including the ~0.3 GB of the Python/JAX runtime; GPU: peak device bytes). Achieved FLOP/s
+is reported against a matmul ceiling measured in the same run, from analytic FLOP counts
+(``flops()``). Writes ``results.csv``, ``time.png``, ``memory.png`` and ``README.md``
+(command, device, versions, crossover lengths) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import effx.attention as ea
+from effx.bench import harness, plots
+from effx.bench.memory import LONG_OPTIONS
+
+COLUMNS = ("family", "length", "mode", "status", "time_median_s", "time_min_s", "time_max_s",
+           "temp_bytes", "peak_bytes", "flops", "achieved_flops_per_s", "roofline_fraction",
+           "detail")
+_LENGTH_OPTIONS = ("max_len",)  # options that must cover the longest length measured
+
+
+def family_options(name: str, max_length: int) -> dict[str, Any]:
+  options = dict(LONG_OPTIONS.get(name, {}))
+  for key in _LENGTH_OPTIONS:
+    if key in options:
+      options[key] = max(options[key], max_length)
+  return options
+
+
+def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
+          options: dict[str, Any], train: bool) -> float:
+  """Analytic multiply-add FLOPs (x2) of the attention mixing, forward; x3 for ``train``.
+  Counts the score and value matmuls of the keys each query really attends to (plus a
+  family's projections, hashing or clustering); softmax and bookkeeping are ignored."""
+  n, d, bh = length, head_dim, batch * heads
+  o = {**ea.options(name), **options}
+  per_query_keys = {
+      "dense": n, "blockwise": n,
+      "local": 2 * o.get("window", 128) + 1,
+      "dilated": 2 * o.get("window", 64) + 1,
+      "sparse": o.get("stride", 128) + n / o.get("stride", 128),
+      "longformer": 2 * o.get("window", 128) + 1 + 2 * len(tuple(o.get("global_tokens", (0,)))),
+      "bigbird": (3 + o.get("num_random_blocks", 3) + 2 * o.get("num_global_blocks", 2))
+                 * o.get("block_size", 64),
+      "lsh": o.get("n_hashes", 2) * 2 * o.get("bucket_size", 64),
+      # each of k clusters: its w nearest queries x its w nearest keys
+      "routing": (o.get("num_clusters", 8) * min(n, o.get("window") or -(-n // o.get(
+          "num_clusters", 8))) ** 2 / n),
+      "sinkhorn": 2 * o.get("block_size", 64),
+      "linformer": o.get("k", 256),
+      "synthesizer": n,
+      "nystrom": 2 * o.get("num_landmarks", 64),
+      "performer": 2 * o.get("num_features", 256),
+      "linear": d,
+  }.get(name, n)
+  total = 4.0 * bh * n * per_query_keys * d
+  if name == "synthesizer":
+    total /= 2  # only A @ V: the attention matrix is synthesised, not Q K^T
+  if name == "linformer":
+    total += 4.0 * bh * n * o.get("k", 256) * d  # E K and F V
+  if name == "routing":
+    total += 2.0 * bh * n * o.get("num_clusters", 8) * d
+  if name == "lsh":
+    total += 2.0 * bh * n * d * o.get("n_hashes", 2) * (o.get("n_buckets") or 2 * n // 64) / 2
+  return total * (3 if train else 1)
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+  """One measurement (runs in its own process)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  dtype = jnp.dtype(spec["dtype"])
+  module = ea.make(spec["family"], causal=spec["causal"], **spec["options"])
+  shape = (spec["batch"], spec["length"], spec["heads"], spec["head_dim"])
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v = (jax.random.normal(key, shape, dtype) for key in keys[:3])
+  variables = module.init(keys[3], q, k, v)
+  train = spec["mode"] == "train"
+
+  def loss(variables, q, k, v):
+    return jnp.sum(jnp.square(module.apply(variables, q, k, v).astype(jnp.float32)))
+
+  fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)) if train
+               else lambda variables, q, k, v: module.apply(variables, q, k, v))
+  compiled = fn.lower(variables, q, k, v).compile()
+  temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  result = {"status": "ok", "temp_bytes": temp}
+  if spec.get("max_bytes") and temp > spec["max_bytes"]:
+    need, free = temp / 2**30, spec["max_bytes"] / 2**30
+    return {**result, "status": "oom",
+            "detail": f"needs {need:.1f} GiB of temporaries, {free:.1f} GiB usable"}
+  result.update(harness.time_call(lambda: compiled(variables, q, k, v), spec["repeat"]))
+  result["peak_bytes"] = harness.peak_bytes()
+  return result
+
+
+def check_families(text: str) -> list[str]:
+  if text == "all":
+    return list(ea.names())
+  families = [f for f in text.split(",") if f]
+  unknown = [f for f in families if f not in ea.names()]
+  if unknown or not families:
+    raise ValueError(f"--families: unknown family {', '.join(map(repr, unknown))}; "
+                     f"registered: {', '.join(ea.names())} (or 'all')")
+  return families
+
+
+def run(families, lengths, *, mode="train", batch=1, heads=4, head_dim=64, dtype="float32",
+        causal=False, repeat=5, out=None, timeout_s=600.0, progress=True) -> list[dict]:
+  """Measures every (family, length); writes outputs to ``out`` if given."""
+  from tqdm import tqdm  # noqa: PLC0415
+
+  if mode not in ("infer", "train"):
+    raise ValueError(f"--mode={mode!r} must be 'infer' or 'train'")
+  if causal:
+    families = [f for f in families if ea.supports_causal(f)]
+  ceiling = harness.roofline()
+  free = harness.available_memory_bytes()
+  rows = []
+  configs = [(f, n) for f in families for n in lengths]
+  for family, length in tqdm(configs, desc="attention", unit="config", disable=not progress):
+    options = family_options(family, max(lengths))
+    spec = dict(family=family, length=length, mode=mode, batch=batch, heads=heads,
+                head_dim=head_dim, dtype=dtype, causal=causal, options=options, repeat=repeat,
+                max_bytes=int(0.7 * free) if free else None)
+    row = {"family": family, "length": length, "mode": mode,
+           **harness.run_isolated("effx.bench.attention", spec, timeout_s)}
+    row["flops"] = flops(family, length, batch=batch, heads=heads, head_dim=head_dim,
+                         options=options, train=mode == "train")
+    if row.get("status") == "ok":
+      row["achieved_flops_per_s"] = row["flops"] / row["time_median_s"]
+      row["roofline_fraction"] = row["achieved_flops_per_s"] / ceiling["matmul_flops_per_s"]
+    rows.append(row)
+  if out:
+    write_outputs(out, rows, ceiling, dict(mode=mode, batch=batch, heads=heads,
+                                           head_dim=head_dim, dtype=dtype, causal=causal))
+  return rows
+
+
+def crossovers(rows, baseline: str) -> dict[str, int | None]:
+  """Shortest length at which each family is faster than ``baseline``."""
+  times = {(r["family"], r["length"]): r["time_median_s"] for r in rows
+           if r.get("status") == "ok"}
+  base_failed = {r["length"] for r in rows if r["family"] == baseline and r.get("status") != "ok"}
+  result = {}
+  for family in dict.fromkeys(r["family"] for r in rows):
+    faster = [n for (f, n), t in times.items() if f == family and
+              (n in base_failed or ((baseline, n) in times and t < times[(baseline, n)]))]
+    result[family] = min(faster) if faster else None
+  return result
+
+
+def write_outputs(out: str, rows, ceiling, shape) -> None:
+  os.makedirs(out, exist_ok=True)
+  harness.write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
+  with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
+    json.dump({"command": harness.command_line(), **harness.device_info(), **ceiling, **shape},
+              f, indent=2)
+  title = (f"{shape['mode']}, batch {shape['batch']}, {shape['heads']} heads x "
+           f"{shape['head_dim']}, {shape['dtype']}" + (", causal" if shape["causal"] else ""))
+  plots.lines_vs_length(rows, "time_median_s", "seconds", f"attention time ({title})",
+                        os.path.join(out, "time.png"))
+  plots.lines_vs_length(rows, "temp_bytes", "bytes (XLA temporaries)",
+                        f"attention memory ({title})", os.path.join(out, "memory.png"))
+  plots.lines_vs_length(rows, "peak_bytes", "bytes (process peak)",
+                        f"attention peak memory ({title})", os.path.join(out, "peak.png"))
+  info = harness.device_info()
+  cross = {b: crossovers(rows, b) for b in ("dense", "blockwise")}
+  lines = [f"# Attention benchmark: {title}", "", "```", harness.command_line(), "```", "",
+           f"Device: {info['device']}; jax {info['jax']}; Python {info['python']}; "
+           f"{info['cpu_count']} CPUs.", "",
+           f"Measured ceilings: matmul {ceiling['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+           f"copy {ceiling['copy_bytes_per_s'] / 1e9:.1f} GB/s.", "",
+           "![time](time.png) ![memory](memory.png)", "",
+           "| family | faster than dense from | faster than blockwise from | "
+           "% of matmul ceiling at longest ok length |", "| --- | --- | --- | --- |"]
+  for family in cross["dense"]:
+    ok = [r for r in rows if r["family"] == family and r.get("status") == "ok"]
+    frac = f"{100 * ok[-1]['roofline_fraction']:.1f}%" if ok else "-"
+    lines.append(f"| {family} | {cross['dense'][family] or '-'} | "
+                 f"{cross['blockwise'].get(family) or '-'} | {frac} |")
+  failed = [r for r in rows if r.get("status") != "ok"]
+  if failed:
+    lines += ["", "Not measured: " + "; ".join(f"{r['family']}@{r['length']}: {r['status']}"
+                                                for r in failed) + "."]
+  with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def print_table(rows) -> None:
+  lengths = sorted({r["length"] for r in rows})
+  print(f"{'family':12s}" + "".join(f"{n:>11d}" for n in lengths) + "   (ms; MiB temp)")
+  for family in dict.fromkeys(r["family"] for r in rows):
+    cells = []
+    for n in lengths:
+      r = next(r for r in rows if r["family"] == family and r["length"] == n)
+      cells.append(f"{1e3 * r['time_median_s']:8.1f}/{r['temp_bytes'] / 2**20:<6.0f}"
+                   if r.get("status") == "ok" else f"{r.get('status'):>11s}")
+    print(f"{family:12s}" + " ".join(cells))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  parser.add_argument("--families", default="all", help="comma-separated names, or 'all'")
+  parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
+  parser.add_argument("--mode", default="train", choices=("infer", "train"))
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--head-dim", type=int, default=64)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--repeat", type=int, default=5)
+  parser.add_argument("--timeout-s", type=float, default=600.0, help="per configuration")
+  parser.add_argument("--out", default=None, help="folder for results.csv, PNGs, README.md")
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+  rows = run(check_families(args.families), harness.parse_lengths(args.lengths),
+             mode=args.mode, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+             dtype=args.dtype, causal=args.causal, repeat=args.repeat, out=args.out,
+             timeout_s=args.timeout_s)
+  print_table(rows)
+
+
+if __name__ == "__main__":
+  main()

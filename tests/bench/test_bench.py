@@ -1,0 +1,51 @@
+"""The benchmark harnesses run end to end on tiny sizes and report sane figures."""
+
+import csv
+
+import pytest
+
+from effx.bench import attention, harness, lra_efficiency
+
+
+def test_attention_benchmark_end_to_end(tmp_path):
+  rows = attention.run(["dense", "local"], [256, 512], mode="train", repeat=1,
+                       out=str(tmp_path), progress=False, timeout_s=300)
+  with open(tmp_path / "results.csv", newline="") as f:
+    table = list(csv.DictReader(f))
+  assert [(r["family"], int(r["length"])) for r in table] == [
+      ("dense", 256), ("dense", 512), ("local", 256), ("local", 512)]
+  assert set(table[0]) == set(attention.COLUMNS)
+  assert all(r["status"] == "ok" and float(r["time_median_s"]) > 0 for r in table)
+  for name in ("time.png", "memory.png", "peak.png", "README.md"):
+    assert (tmp_path / name).stat().st_size > 0
+  temp = {(r["family"], r["length"]): r["temp_bytes"] for r in rows}
+  assert 3.3 < temp[("dense", 512)] / temp[("dense", 256)] < 4.6     # quadratic
+  assert 1.6 < temp[("local", 512)] / temp[("local", 256)] < 2.4     # linear
+  readme = (tmp_path / "README.md").read_text()
+  assert "python -m" in readme and "Device:" in readme
+
+
+def test_lra_efficiency_step_measures_one_family():
+  result = lra_efficiency.worker(dict(family="local", length=64, batch=2, dtype="float32",
+                                      repeat=1, options={"window": 16}))
+  assert result["status"] == "ok" and result["steps_per_s"] > 0 and result["temp_bytes"] > 0
+
+
+def test_crossover_is_the_shortest_faster_length():
+  rows = [dict(family=f, length=n, status="ok", time_median_s=t) for f, n, t in [
+      ("dense", 1, 1.0), ("dense", 2, 4.0), ("dense", 4, 16.0),
+      ("local", 1, 2.0), ("local", 2, 3.0), ("local", 4, 6.0)]]
+  rows.append(dict(family="dense", length=8, status="oom"))
+  rows.append(dict(family="local", length=8, status="ok", time_median_s=12.0))
+  assert attention.crossovers(rows, "dense") == {"dense": None, "local": 2}
+
+
+def test_bad_input():
+  with pytest.raises(ValueError, match="unknown family 'flash'.*registered: .*dense"):
+    attention.check_families("dense,flash")
+  with pytest.raises(ValueError, match="--lengths: 0 is not a positive length"):
+    harness.parse_lengths("512,0")
+  with pytest.raises(ValueError, match="'1k' is not an integer"):
+    harness.parse_lengths("1k")
+  with pytest.raises(ValueError, match="--mode='fast'"):
+    attention.run(["dense"], [64], mode="fast", progress=False)
