@@ -13,14 +13,20 @@ Two sources of images, same batch contract (``inputs`` = pixel ``p`` as token ``
   (dashes) of ``paddle_length`` pixels with gaps, turning by at most 60 degrees between
   paddles; a positive image puts the markers on the two ends of one contour, a negative
   one on ends of two different contours; ``num_distractors`` shorter contours add
-  clutter. Drawn 4x supersampled, then box-filtered (anti-aliased).
+  clutter. Drawn 4x supersampled, then box-filtered (anti-aliased). Each split is drawn
+  once (in parallel for large splits) and cached under ``data.cache_dir``.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
+import math
+import multiprocessing
 import os
+import tempfile
 
 import numpy as np
 
@@ -28,7 +34,7 @@ from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData
 
 DEFAULTS = dict(resolution=32, difficulty="curv_contour_length_14", contour_length=14,
                 paddle_length=None, thickness=None, marker_radius=None, num_distractors=2,
-                num_train=160_000, num_valid=20_000, num_test=20_000)
+                num_train=160_000, num_valid=20_000, num_test=20_000, cache_dir=None)
 # Published settings: 32x32 paddle 2 / thickness 0.5 / markers 1.5; 128x128 thickness
 # 1.5 / markers 3 (paddle length scaled with the canvas).
 PRESETS = {32: dict(paddle_length=2.0, thickness=0.5, marker_radius=1.5),
@@ -53,32 +59,40 @@ class Generator:
     self.num_distractors = num_distractors
 
   def contour(self, rng: np.random.Generator, length: int, others: list[np.ndarray]):
-    """Paddle end points ``[length, 2, 2]`` inside the canvas, away from ``others``
-    (``None`` if 50 random walks fail)."""
-    margin = self.radius + 1.0
-    taken = np.concatenate([o.mean(axis=1) for o in others]) if others else np.zeros((0, 2))
+    """Paddle end points ``[length, 2, 2]`` inside the canvas, with paddle centres at
+    least 1.5 paddle lengths from those of ``others`` (``None`` if 50 walks fail)."""
+    lo, hi = self.radius + 1.0, self.n - self.radius - 1.0
+    cell = 1.5 * self.paddle
+    grid: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for other in others:  # a coarse grid: each check looks at 9 cells, not every paddle
+      for mx, my in other.mean(axis=1):
+        grid.setdefault((int(mx // cell), int(my // cell)), []).append((mx, my))
 
-    def fits(p0, p1):
-      ends = np.stack([p0, p1])
-      if ends.min() < margin or ends.max() > self.n - margin:
+    def fits(x0, y0, x1, y1):
+      if min(x0, x1, y0, y1) < lo or max(x0, x1, y0, y1) > hi:
         return False
-      mid = (p0 + p1) / 2
-      return not len(taken) or np.min(np.linalg.norm(taken - mid, axis=-1)) >= 1.5 * self.paddle
+      mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+      cx, cy = int(mx // cell), int(my // cell)
+      return not any((px - mx) ** 2 + (py - my) ** 2 < cell * cell
+                     for i in (cx - 1, cx, cx + 1) for j in (cy - 1, cy, cy + 1)
+                     for px, py in grid.get((i, j), ()))
 
+    stride = self.paddle + self.gap
     for _ in range(50):
-      p, angle = rng.uniform(margin, self.n - margin, size=2), rng.uniform(0, 2 * np.pi)
+      x, y = rng.uniform(lo, hi, size=2)
+      angle = rng.uniform(0, 2 * np.pi)
       points = []
       for i in range(length):
         for _ in range(10):  # steer: redraw the turn while the paddle would leave or collide
           turn = angle + (rng.uniform(-_MAX_TURN, _MAX_TURN) if i else 0.0)
-          step = np.array([np.cos(turn), np.sin(turn)])
-          if fits(p, p + self.paddle * step):
+          dx, dy = math.cos(turn), math.sin(turn)
+          if fits(x, y, x + self.paddle * dx, y + self.paddle * dy):
             break
         else:
           break
         angle = turn
-        points.append((p, p + self.paddle * step))
-        p = p + (self.paddle + self.gap) * step
+        points.append(((x, y), (x + self.paddle * dx, y + self.paddle * dy)))
+        x, y = x + stride * dx, y + stride * dy
       if len(points) == length:
         return np.asarray(points)
     return None
@@ -128,17 +142,60 @@ def _disc(canvas, center, radius):
 
 
 class GeneratedSource:
-  def __init__(self, generator: Generator, seed: int, split: str, size: int):
-    self._generator, self._seed, self._split, self._size = generator, seed, split, size
+  """A generated split, drawn once into a cached ``uint8 [size, n, n]`` ``.npy`` file
+  (memory-mapped): training reads pixels instead of redrawing them every epoch."""
+
+  def __init__(self, generator: Generator, seed: int, split: str, size: int,
+               cache_dir: str | None):
+    self._images = _cached_images(generator, seed, split, size, cache_dir)
 
   def __len__(self) -> int:
-    return self._size
+    return len(self._images)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    if not 0 <= index < self._size:
+    if not 0 <= index < len(self._images):
       raise IndexError(index)
-    image = self._generator(self._seed, self._split, index)
+    image = self._images[index]
     return {"inputs": image.reshape(-1).astype(np.int32) + 1, "targets": np.int32(index % 2)}
+
+
+def _draw(args) -> np.ndarray:
+  generator, seed, split, start, stop = args
+  return np.stack([generator(seed, split, i) for i in range(start, stop)])
+
+
+def _cached_images(generator: Generator, seed: int, split: str, size: int,
+                   cache_dir: str | None) -> np.ndarray:
+  cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "effx")
+  key = hashlib.sha1(json.dumps([vars(generator), seed, split, size], sort_keys=True)
+                     .encode()).hexdigest()[:12]
+  path = os.path.join(cache_dir, f"pathfinder{generator.n}_{split}_{key}.npy")
+  if not os.path.exists(path):
+    from tqdm import tqdm  # noqa: PLC0415
+
+    os.makedirs(cache_dir, exist_ok=True)
+    chunk = 256
+    jobs = [(generator, seed, split, a, min(a + chunk, size)) for a in range(0, size, chunk)]
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npy")
+    os.close(fd)
+    images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                       shape=(size, generator.n, generator.n))
+    workers = min(os.cpu_count() or 1, len(jobs))
+    with tqdm(total=size, desc=f"Pathfinder {split}", unit="img", disable=None) as bar:
+      if workers > 1 and size >= 4 * chunk:
+        # spawn, not fork: the parent may already run JAX threads
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+          for (_, _, _, a, b), block in zip(jobs, pool.imap(_draw, jobs)):
+            images[a:b] = block
+            bar.update(b - a)
+      else:
+        for job in jobs:
+          images[job[3]:job[4]] = _draw(job)
+          bar.update(job[4] - job[3])
+    images.flush()
+    del images
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-drawn cache
+  return np.load(path, mmap_mode="r")
 
 
 class ReleaseSource:
@@ -209,5 +266,6 @@ def load(data, seed: int) -> TaskData:
     generator = Generator(n, data.contour_length, num_distractors=data.num_distractors,
                           **options)
     sizes = {"train": data.num_train, "validation": data.num_valid, "test": data.num_test}
-    splits = {k: GeneratedSource(generator, seed, k, size) for k, size in sizes.items()}
+    splits = {k: GeneratedSource(generator, seed, k, size, data.cache_dir)
+              for k, size in sizes.items()}
   return TaskData(splits, vocab_size=BYTE_VOCAB, num_classes=2, max_len=n * n)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from effx import data
-from effx.data import pipeline
+from effx.data import pathfinder, pipeline
 
 
 def _config(task, **overrides):
@@ -37,15 +37,20 @@ def test_listops_batches(tmp_path):
 
 
 @pytest.mark.parametrize("resolution", [32, 128])
-def test_generated_pathfinder_batches(resolution):
+def test_generated_pathfinder_batches(resolution, tmp_path):
   task = data.load(_config("pathfinder", resolution=resolution, num_train=8, num_valid=2,
-                           num_test=2), seed=0)
+                           num_test=2, cache_dir=str(tmp_path)), seed=0)
   batch = _check_batch(task)
   assert task.max_len == resolution**2 and task.num_classes == 2
   again = task.splits["train"][3]
   np.testing.assert_array_equal(again["inputs"], task.splits["train"][3]["inputs"])
   assert [int(task.splits["train"][i]["targets"]) for i in range(4)] == [0, 1, 0, 1]
   assert batch["inputs"].max() > 200  # markers and paths are drawn bright
+  cached = sorted(p.name for p in tmp_path.iterdir())
+  assert len(cached) == 3 and all(n.startswith(f"pathfinder{resolution}_") for n in cached)
+  drawn = pathfinder.Generator(resolution, 14, num_distractors=2, **pathfinder.PRESETS[resolution])
+  np.testing.assert_array_equal(task.splits["train"][5]["inputs"],
+                                drawn(0, "train", 5).reshape(-1).astype(np.int32) + 1)
 
 
 def test_pathfinder_release_files(tmp_path, caplog):
