@@ -187,6 +187,7 @@ def load(settings: Settings, cache_dir: str | os.PathLike) -> Splits:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
       np.savez(f, **arrays)
+    os.chmod(f.name, 0o644)  # the temporary file is private; the cache may be shared
     os.replace(f.name, path)  # atomic: a killed run never leaves a half-written cache
   with np.load(path) as data:
     out = {}

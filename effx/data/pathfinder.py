@@ -194,6 +194,7 @@ def _cached_images(generator: Generator, seed: int, split: str, size: int,
           bar.update(job[4] - job[3])
     images.flush()
     del images
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-drawn cache
   return np.load(path, mmap_mode="r")
 
