@@ -288,19 +288,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending.append(step_metrics)
       step += 1
       done = step == config.num_train_steps
-      if step % config.log_every_steps == 0 or done:
+      evaluate = step % config.eval_every_steps == 0 or done
+      save = step % config.checkpoint_every_steps == 0 or done or stop.requested
+      # Report (and check for NaN) before any evaluation or save, so neither the best
+      # checkpoint nor a regular one can hold a diverged state.
+      if step % config.log_every_steps == 0 or evaluate or save:
         last_train = drain()
         last_train.update(progress.update(step, last_train))
         writer.write(step, "train", last_train)
-      if step % config.eval_every_steps == 0 or done:
+      if evaluate:
         result = run.evaluate(state.params, state.model_state, "validation")
         writer.write(step, "validation", result)
         progress.message(f"step {step}: validation accuracy {result['accuracy']:.4f}")
         if result["accuracy"] > meta["best_accuracy"]:
           meta = {"best_accuracy": result["accuracy"], "best_step": step}
           checkpoints.save_best(step, {"params": state.params, "model_state": state.model_state})
-      if step % config.checkpoint_every_steps == 0 or done or stop.requested:
-        if pending:
+      if save or stop.requested:
+        if pending:  # SIGTERM arrived during this step's evaluation
           last_train = drain()
         checkpoints.save(step, state, iterator.get_state(),
                          {**meta, "train_loss": last_train.get("loss", float("nan"))})

@@ -54,10 +54,15 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
   kill_at = random.Random().randrange(8, 33)
   process = _train(tmp_path / "killed", *args)
   jsonl = tmp_path / "killed" / "metrics.jsonl"
+  committed = tmp_path / "killed" / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
-    if jsonl.exists() and any(json.loads(line)["step"] >= kill_at
-                              for line in jsonl.read_text().splitlines()):
+    # Saves are asynchronous: wait for a committed step as well, else the kill can land
+    # before the first commit and the rerun would (rightly) start from scratch.
+    if (jsonl.exists() and committed.exists()
+        and any(d.name.isdigit() for d in committed.iterdir())
+        and any(json.loads(line)["step"] >= kill_at
+                for line in jsonl.read_text().splitlines())):
       break
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
