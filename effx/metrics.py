@@ -22,6 +22,7 @@ class Writer:
     self._jsonl = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self._enabled:
+      _end_torn_line(self._jsonl)
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -41,12 +42,30 @@ class Writer:
       self._tb.close()
 
 
+def _end_torn_line(path: str) -> None:
+  """A run killed mid-write leaves a partial last line; end it so the resumed run's rows
+  start on lines of their own (``read`` skips the torn one)."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) != b"\n":
+      f.write(b"\n")
+
+
 def read(workdir: str) -> list[dict]:
-  """The rows of ``metrics.jsonl``, last row per (step, split) kept, in step order."""
+  """The rows of ``metrics.jsonl``, last row per (step, split) kept, in step order.
+
+  A line torn by a killed run is skipped (its step is reported again after the resume).
+  """
   rows: dict[tuple[int, str], dict] = {}
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
-      row = json.loads(line)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning("skipping a torn line in metrics.jsonl: %r", line[:80])
+        continue
       rows[(row["step"], row["split"])] = row
   return [rows[k] for k in sorted(rows)]
 

@@ -177,3 +177,15 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path / str(accumulate)))
     results[accumulate] = evaluate_workdir(str(tmp_path / str(accumulate)), "validation")
   assert results[2]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+
+
+def test_metrics_survive_a_line_torn_by_a_kill(tmp_path):
+  writer = metrics.Writer(str(tmp_path))
+  writer.write(1, "train", {"loss": 2.0})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 2, "split": "tra')  # killed mid-write
+  writer = metrics.Writer(str(tmp_path))  # the resumed run
+  writer.write(2, "train", {"loss": 1.5})
+  writer.close()
+  assert [(r["step"], r["loss"]) for r in metrics.read(str(tmp_path))] == [(1, 2.0), (2, 1.5)]
