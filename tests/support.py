@@ -26,6 +26,7 @@ SMALL = {
     "nystrom": dict(num_landmarks=8),
     "performer": dict(num_features=64),
     "linear": dict(chunk_size=8),
+    "cosformer": dict(chunk_size=8),
 }
 HEADS = 3
 

@@ -32,6 +32,7 @@ from effx.attention.synthesizer import SynthesizerAttention
 from effx.attention.nystrom import NystromAttention, nystrom_attention
 from effx.attention.performer import PerformerAttention, performer_attention
 from effx.attention.linear import LinearAttention, linear_attention
+from effx.attention.cosformer import CosformerAttention, cosformer_attention
 
 from effx.attention.patterns import pattern, pattern_names, plot_pattern
 from effx.attention.self_attention import SelfAttention
@@ -42,8 +43,9 @@ __all__ = [
     "DenseAttention", "BlockwiseAttention", "LocalAttention", "DilatedAttention",
     "SparseAttention", "LongformerAttention", "BigBirdAttention", "LSHAttention",
     "RoutingAttention", "SinkhornAttention", "LinformerAttention", "SynthesizerAttention",
-    "NystromAttention", "PerformerAttention", "LinearAttention",
+    "NystromAttention", "PerformerAttention", "LinearAttention", "CosformerAttention",
     "dense_attention", "blockwise_attention", "local_attention", "dilated_attention",
     "sparse_attention", "longformer_attention", "bigbird_attention", "lsh_attention",
     "routing_attention", "nystrom_attention", "performer_attention", "linear_attention",
+    "cosformer_attention",
 ]

@@ -64,6 +64,7 @@ def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
       "nystrom": 2 * o.get("num_landmarks", 64),
       "performer": 2 * o.get("num_features", 256),
       "linear": d,
+      "cosformer": 2 * d,
   }.get(name, n)
   total = 4.0 * bh * n * per_query_keys * d
   if name == "synthesizer":

@@ -33,6 +33,7 @@ LONG_OPTIONS: dict[str, dict[str, Any]] = {
     "nystrom": dict(num_landmarks=64),
     "performer": dict(num_features=256),
     "linear": dict(),
+    "cosformer": dict(),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 import effx.attention as ea
 from support import padding_mask, qkv
-from effx.attention import linear, performer, sinkhorn
+from effx.attention import cosformer, linear, performer, sinkhorn
 
 
 def _rel(a, b):
@@ -33,6 +33,42 @@ def test_linear_equals_closed_form(causal):
   out = linear.linear_attention(q, k, v, mask=mask, causal=causal, chunk_size=8)
   want = _closed_form(linear.elu_features(q), linear.elu_features(k), v, mask, causal)
   np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_len", [None, 50])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cosformer_equals_the_papers_quadratic_form(causal, max_len):
+  """s_ij = relu(q_i).relu(k_j) cos(pi/2 (i-j)/M), written out over all pairs, with M the
+  last real position + 1 of each example (or max_len)."""
+  q, k, v = qkv()
+  mask = padding_mask()
+  out = cosformer.cosformer_attention(q, k, v, mask=mask, causal=causal, max_len=max_len,
+                                      chunk_size=8)
+  length = q.shape[1]
+  horizon = (jnp.full(2, max_len, jnp.float32) if max_len else
+             mask.sum(axis=1).astype(jnp.float32))  # padding_mask pads at the end
+  i = jnp.arange(length)
+  weight = jnp.cos(jnp.pi / 2 * (i[:, None] - i[None, :]) / horizon[:, None, None])
+  scores = jnp.einsum("bqhd,bkhd->bhqk", jax.nn.relu(q), jax.nn.relu(k)) * weight[:, None]
+  allowed = mask[:, None, None, :] & (jnp.tri(length, dtype=bool) if causal else True)
+  scores = jnp.where(allowed, scores, 0.0)
+  den = jnp.swapaxes(scores.sum(-1), 1, 2)[..., None]
+  # A query with no positive coordinate meets no key: defined as zero output.
+  num = jnp.einsum("bhqk,bkhd->bqhd", scores, v)
+  want = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0)
+  assert bool((den == 0).any())  # the case occurs in this input
+  np.testing.assert_allclose(out, want * mask[:, :, None, None], atol=1e-5)
+
+
+def test_cosformer_padding_and_horizon():
+  """More padding leaves real outputs unchanged by default; max_len < length is refused."""
+  q, k, v = qkv(length=20)
+  mask = jnp.arange(20)[None, :] < jnp.array([[12], [12]])
+  out = cosformer.cosformer_attention(q, k, v, mask=mask)
+  short = cosformer.cosformer_attention(q[:, :12], k[:, :12], v[:, :12])
+  np.testing.assert_allclose(out[:, :12], short, atol=1e-6)
+  with pytest.raises(ValueError, match="length 20 exceeds max_len=16"):
+    cosformer.cosformer_attention(q, k, v, max_len=16)
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])

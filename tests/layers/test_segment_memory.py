@@ -25,6 +25,7 @@ def _lm(**overrides):
     ("local", {"window": 5}, "sinusoidal"),
     ("performer", {"num_features": 16}, "shortformer"),
     ("sparse", {"stride": 4}, "rotary"),
+    ("cosformer", {"max_len": 64}, "rotary"),
 ])
 def test_segments_with_full_memory_equal_one_causal_pass(attention, kwargs, positional):
   """Families whose pattern is set by positions; content-routed ones (lsh, routing) hash
