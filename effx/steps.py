@@ -72,8 +72,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     loss, accuracy = loss / accumulate, accuracy / accumulate
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  # param_norm is of the updated parameters: the loss lags them by one step, so the trainer
+  # checks both before it evaluates or saves them.
   metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step)}
+             "param_norm": optax.tree.norm(params), "learning_rate": schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        model_state=model_state), metrics
 

@@ -267,19 +267,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[dict[str, jax.Array]] = []
   last_good, step = start, start
 
+  def diverged(what: str, value: float, at: int):
+    raise FloatingPointError(
+        f"{what} is {value} at step {at}; stopping. The last good checkpoint (step "
+        f"{last_good}) is kept in {checkpoints.directory}. Lower config.learning_rate, set "
+        "config.grad_clip_norm, or use config.model.dtype='float32'.")
+
   def drain() -> dict[str, float]:
-    """Averages the metrics since the last report; stops on a non-finite loss."""
+    """Averages the metrics since the last report; stops on a non-finite loss or
+    parameters (their norm after the step's update)."""
     nonlocal pending
     values = jax.device_get(pending)
     pending = []
-    losses = np.array([v["loss"] for v in values])
-    if not np.all(np.isfinite(losses)):
-      bad = step - len(values) + int(np.argmin(np.isfinite(losses)))
-      raise FloatingPointError(
-          f"loss is {losses[~np.isfinite(losses)][0]} at step {bad + 1}; stopping. The "
-          f"last good checkpoint (step {last_good}) is kept in {checkpoints.directory}. "
-          "Lower config.learning_rate, set config.grad_clip_norm, or use "
-          "config.model.dtype='float32'.")
+    finite = np.array([[np.isfinite(v["loss"]), np.isfinite(v["param_norm"])] for v in values])
+    if not finite.all():
+      first, column = np.argwhere(~finite)[0]  # earliest step; its loss before its update
+      what = ("loss", "param_norm")[column]
+      diverged(what, values[first][what], step - len(values) + first + 1)
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
   try:
@@ -299,6 +303,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if evaluate:
         result = run.evaluate(state.params, state.model_state, "validation")
         writer.write(step, "validation", result)
+        if not np.isfinite(result["loss"]):  # finite but diverged parameters
+          diverged("validation loss", result["loss"], step)
         progress.message(f"step {step}: validation accuracy {result['accuracy']:.4f}")
         if result["accuracy"] > meta["best_accuracy"]:
           meta = {"best_accuracy": result["accuracy"], "best_step": step}

@@ -5,7 +5,9 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -85,14 +87,24 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
   assert (tmp_path / "checkpoints" / "30").is_dir()
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, log_every):
+  """Also when the NaN arrives between log steps: the loop checks the training loss, the
+  updated parameters' norm and the validation loss before it saves a best or a regular
+  checkpoint."""
   trainer.train_and_evaluate(tiny_config("lra_listops", num_train_steps=10), str(tmp_path))
-  config = tiny_config("lra_listops", learning_rate=1e12, checkpoint_every_steps=2,
-                       log_every_steps=1)
-  with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 1\d.*step 10\)"):
+  best = sorted((tmp_path / "best").iterdir())
+  config = tiny_config("lra_listops", learning_rate=1e12, checkpoint_every_steps=1,
+                       eval_every_steps=1, log_every_steps=log_every)
+  diverged = r"(loss|param_norm|validation loss) is (nan|inf) at step 1\d.*step 10\)"
+  with pytest.raises(FloatingPointError, match=diverged):
     trainer.train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 10  # no diverged state was saved over the good one
+  for path in sorted((tmp_path / "best").iterdir()):
+    if path not in best:
+      params = ocp.StandardCheckpointer().restore(path / "params")
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), path
 
 
 @pytest.mark.parametrize("override,error,match", [
