@@ -20,3 +20,16 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # tests/support.py holds helpers for every test directory.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked ``gpu`` run only where JAX has a GPU."""
+  del config
+  if jax.default_backend() == "gpu":
+    return
+  import pytest  # noqa: PLC0415
+
+  skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() is not 'gpu')")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)

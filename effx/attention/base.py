@@ -34,6 +34,9 @@ class Family(nn.Module):
   # Whether the family keeps non-parameter variables it updates in training (routing's
   # centroids in the "state" collection).
   mutable_state: ClassVar[bool] = False
+  # Options whose default (None) is derived from the input or from other options, and
+  # how (shown by ``effx.attention.options(name)``).
+  derived_defaults: ClassVar[dict[str, str]] = {}
 
   def __post_init__(self):
     if self.causal and not self.supports_causal:

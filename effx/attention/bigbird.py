@@ -1,54 +1,104 @@
 """BigBird block-sparse attention (Zaheer et al., 2020), ITC variant.
 
-The sequence is cut into blocks. Global blocks (the first ``ceil(g/2)`` and last
-``floor(g/2)``, as in BigBird's block-sparse code: first and last block for the default
-``g = 2``) attend to everything and are attended by everything. Every other query block
-attends to three window blocks (itself and its neighbours), the global blocks, and
-``r`` random blocks, drawn per head and per block from a NumPy generator seeded with
-``seed`` when the computation is traced: the pattern is fixed for a given length, seed
-and head count, in training and in evaluation.
+Each example's sequence, up to its last real token, is cut into ``nr`` blocks. Global
+blocks (the first ``ceil(g/2)`` and last ``floor(g/2)`` of those, as in BigBird's
+block-sparse code: first and last block for the default ``g = 2``) attend to everything
+and are attended by everything. Every other query block attends to three window blocks
+(itself and its neighbours), the global blocks, and ``r`` random blocks drawn, per head
+and query block, among its example's other blocks. The draw ranks candidate key blocks
+by a hash of ``(seed, head, query block, key block)``: it is fixed in training and in
+evaluation, and depends on an example's real extent, not on how much padding follows
+(the last global block is the last real block, not the last padded one).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention.core import grouped_attention, pad_axis, positions
+from effx.attention.core import extents, grouped_attention, pad_axis
 from effx.attention.registry import register
 
 
-@functools.lru_cache(maxsize=64)
-def block_plan(num_blocks: int, num_heads: int, num_global: int, num_random: int, seed: int):
-  """Which key blocks each non-global query block sees.
+def _hash_uniform(seed: int, head, row, col) -> jax.Array:
+  """A uniform number in [0, 1) for each ``(seed, head, row, col)``: a 32-bit integer
+  hash (Wellons' "lowbias32" finaliser, applied twice) of the combined indices."""
+  x = (jnp.uint32(seed & 0xFFFFFFFF) * jnp.uint32(0x9E3779B1)
+       + jnp.asarray(head, jnp.uint32) * jnp.uint32(0x85EBCA77)
+       + jnp.asarray(row, jnp.uint32) * jnp.uint32(0xC2B2AE3D)
+       + jnp.asarray(col, jnp.uint32))
+  for _ in range(2):
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    x = x ^ (x >> 16)
+  return (x >> 8).astype(jnp.float32) * 2.0 ** -24
+
+
+def block_plan(real_blocks: jax.Array, num_blocks: int, num_heads: int, num_global: int,
+               num_random: int, seed: int):
+  """Which key blocks each query block sees, per example.
+
+  Args:
+    real_blocks: ``[batch]`` int, blocks up to each example's last real token (``nr``).
+    num_blocks: blocks of the padded input (``n >= nr``).
 
   Returns:
-    ``(global_ids, rest_ids, table, slot_valid)``: global block ids; the other block ids;
-    ``table [heads, len(rest_ids), slots]`` of key block ids; ``slot_valid`` marks slots
-    that hold a distinct block (near the ends there are fewer than ``slots``).
+    ``(table, slot_valid, is_global, global_ids)``: ``table [batch, heads, n, slots]`` key
+    block ids of each query block (window, global, random; ``slots = 3 + g + r``);
+    ``slot_valid`` marks the slots that hold a distinct block; ``is_global [batch, n]``;
+    ``global_ids [batch, g]`` (the back ones clamped to ``>= 0``).
   """
-  num_global = min(num_global, num_blocks)
+  nr = real_blocks.astype(jnp.int32)[:, None]                  # [b, 1]
+  ids = jnp.arange(num_blocks, dtype=jnp.int32)[None, :]       # [1, n]
   front = -(-num_global // 2)
-  global_ids = sorted(set(range(front)) | set(range(num_blocks - (num_global - front),
-                                                    num_blocks)))
-  rest_ids = [i for i in range(num_blocks) if i not in global_ids]
-  slots = 3 + len(global_ids) + num_random
-  table = np.zeros((num_heads, len(rest_ids), slots), np.int32)
-  slot_valid = np.zeros((num_heads, len(rest_ids), slots), bool)
-  rng = np.random.default_rng(seed)
-  for h in range(num_heads):
-    for row, i in enumerate(rest_ids):
-      fixed = sorted({j for j in (i - 1, i, i + 1) if 0 <= j < num_blocks} | set(global_ids))
-      candidates = [j for j in range(num_blocks) if j not in fixed]
-      pick = rng.choice(candidates, size=min(num_random, len(candidates)), replace=False)
-      ids = fixed + sorted(int(j) for j in pick)
-      table[h, row, :len(ids)] = ids
-      slot_valid[h, row, :len(ids)] = True
-  return tuple(global_ids), tuple(rest_ids), table, slot_valid
+  back = num_global - front
+  is_global = ((ids < jnp.minimum(front, nr)) | ((ids >= nr - back) & (ids < nr)))
+  global_ids = jnp.concatenate(
+      [jnp.broadcast_to(jnp.arange(front, dtype=jnp.int32), (nr.shape[0], front)),
+       nr - back + jnp.arange(back, dtype=jnp.int32)], axis=1)  # [b, g]
+  global_valid = (global_ids >= 0) & (global_ids < nr)
+  global_ids = jnp.maximum(global_ids, 0)
+
+  def is_global_block(j):  # j: [b, ...] block ids
+    shape = (nr.shape[0],) + (1,) * (j.ndim - 1)
+    nrb = nr.reshape(shape)
+    return (j < jnp.minimum(front, nrb)) | ((j >= nrb - back) & (j < nrb))
+
+  rows = jnp.arange(num_blocks, dtype=jnp.int32)
+  window = rows[:, None] + jnp.arange(-1, 2, dtype=jnp.int32)[None, :]   # [n, 3]
+  window = jnp.broadcast_to(window, (nr.shape[0], num_blocks, 3))
+  window_valid = ((window >= 0) & (window < nr[:, :, None])
+                  & ~is_global_block(window))
+  # Random blocks: the r best-ranked candidates (real, outside the window and globals).
+  cols = jnp.arange(num_blocks, dtype=jnp.int32)
+  score = _hash_uniform(seed, jnp.arange(num_heads)[:, None, None], rows[None, :, None],
+                        cols[None, None, :])                            # [h, n, n]
+  near = jnp.abs(rows[:, None] - cols[None, :]) <= 1
+  candidate = ((cols[None, None, :] < nr[:, :, None]) & ~near[None]
+               & ~is_global_block(jnp.broadcast_to(cols, (nr.shape[0], 1, num_blocks))))
+  score = jnp.where(candidate[:, None], score[None], -1.0)              # [b, h, n, n]
+  if num_random:
+    best, random_ids = jax.lax.top_k(score, min(num_random, num_blocks))
+  else:
+    best, random_ids = score[..., :0], jnp.zeros(score.shape[:-1] + (0,), jnp.int32)
+  random_valid = best >= 0
+  b = nr.shape[0]
+  # Invalid window slots point outside [0, n); clip them to real blocks so that gathers
+  # stay in range (they are masked).
+  window = jnp.clip(window, 0, num_blocks - 1)
+  table = jnp.concatenate([
+      jnp.broadcast_to(window[:, None], (b, num_heads, num_blocks, 3)),
+      jnp.broadcast_to(global_ids[:, None, None, :], (b, num_heads, num_blocks, num_global)),
+      random_ids.astype(jnp.int32)], axis=-1)
+  slot_valid = jnp.concatenate([
+      jnp.broadcast_to(window_valid[:, None], (b, num_heads, num_blocks, 3)),
+      jnp.broadcast_to(global_valid[:, None, None, :], (b, num_heads, num_blocks, num_global)),
+      random_valid], axis=-1)
+  return table, slot_valid, is_global, global_ids
 
 
 def bigbird_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -69,40 +119,42 @@ def bigbird_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
   """
   mask = check_qkv("bigbird", q, k, v, mask)
   _check(block_size, num_random_blocks, num_global_blocks)
-  b, length, h, _ = q.shape
+  b, length, h, d = q.shape
   dv = v.shape[-1]
-  n = -(-length // block_size)
-  glob, rest, table, slot_valid = block_plan(n, h, num_global_blocks, num_random_blocks, seed)
-  _, valid = positions(b, length, mask)
-  valid = pad_axis(valid, block_size, axis=1, value=False)    # [b, n * bs]
-  scale = q.shape[-1] ** -0.5
+  bs = block_size
+  n = -(-length // bs)
+  real_blocks = -(-extents(b, length, mask) // bs)
+  table, slot_valid, _, global_ids = block_plan(real_blocks, n, h, num_global_blocks,
+                                                num_random_blocks, seed)
+  slots = table.shape[-1]
+  valid = jnp.ones((b, length), bool) if mask is None else mask
+  valid = pad_axis(valid, bs, axis=1, value=False).reshape(b, n, bs)
+  scale = d ** -0.5
 
-  def blocks(x):
-    x = pad_axis(x, block_size, axis=1)
-    return x.reshape(b, n, block_size, *x.shape[2:])
+  def blocks(x):  # [b, l, h, e] -> [b, h, n, bs, e]
+    x = pad_axis(x, bs, axis=1).reshape(b, n, bs, h, x.shape[-1])
+    return jnp.moveaxis(x, 3, 1)
 
-  qb, kb, vb = blocks(q), blocks(k), blocks(v)                  # [b, n, bs, h, d]
-  out = jnp.zeros((b, n, block_size, h, dv), jnp.float32)
-  if rest:
-    rest_ids = np.array(rest)
-    # Per-head gather of key blocks: [b, rest, slots, bs, h, d] -> [b, rest, slots*bs, h, d].
-    def gather(xb):
-      per_head = jax.vmap(lambda x, t: x[:, t], in_axes=(3, 0), out_axes=4)
-      g = per_head(xb, jnp.asarray(table))                     # [b, rest, slots, bs, h, d]
-      return g.reshape(b, len(rest), -1, h, xb.shape[-1])
-    key_pos = table[..., None] * block_size + np.arange(block_size)   # [h, rest, slots, bs]
-    key_valid = (valid[:, key_pos] & slot_valid[None, ..., None])      # [b, h, rest, slots, bs]
-    key_valid = key_valid.reshape(b, h, len(rest), -1).swapaxes(1, 2)  # [b, rest, h, K]
-    rows, _ = grouped_attention(qb[:, rest_ids], gather(kb), gather(vb),
-                                key_valid[:, :, :, None, :], scale=scale)
-    out = out.at[:, rest_ids].set(rows)
-  if glob:
-    glob_ids = np.array(glob)
-    qg = qb[:, glob_ids].reshape(b, -1, h, q.shape[-1])
-    rows, _ = grouped_attention(qg, kb.reshape(b, -1, h, k.shape[-1]),
-                                vb.reshape(b, -1, h, dv), valid[:, None, None, :], scale=scale)
-    out = out.at[:, glob_ids].set(rows.reshape(b, len(glob), block_size, h, dv))
-  out = out.reshape(b, n * block_size, h, dv)[:, :length]
+  def gather(xb):  # key blocks of every query block: [b, n, slots * bs, h, e]
+    g = jnp.take_along_axis(xb, table.reshape(b, h, n * slots)[..., None, None], axis=2)
+    return jnp.moveaxis(g.reshape(b, h, n, slots * bs, xb.shape[-1]), 1, 3)
+
+  qb, kb, vb = blocks(q), blocks(k), blocks(v)
+  key_valid = jnp.take_along_axis(valid[:, None], table.reshape(b, h, -1)[..., None], axis=2)
+  key_valid = (key_valid.reshape(b, h, n, slots, bs) & slot_valid[..., None])
+  key_valid = jnp.moveaxis(key_valid.reshape(b, h, n, slots * bs), 1, 2)     # [b, n, h, K]
+  out, _ = grouped_attention(jnp.moveaxis(qb, 1, 3), gather(kb), gather(vb),
+                             key_valid[:, :, :, None, :], scale=scale)     # [b, n, bs, h, dv]
+  if num_global_blocks:
+    # Global query blocks see every real key.
+    qg = jnp.take_along_axis(qb, global_ids[:, None, :, None, None], axis=2)  # [b, h, g, bs, d]
+    qg = jnp.moveaxis(qg, 1, 3).reshape(b, -1, h, d)
+    rows, _ = grouped_attention(qg, jnp.moveaxis(kb, 1, 3).reshape(b, n * bs, h, d),
+                                jnp.moveaxis(vb, 1, 3).reshape(b, n * bs, h, dv),
+                                valid.reshape(b, 1, 1, n * bs), scale=scale)
+    rows = rows.reshape(b, num_global_blocks, bs, h, dv)
+    out = out.at[jnp.arange(b)[:, None], global_ids].set(rows)
+  out = out.reshape(b, n * bs, h, dv)[:, :length]
   return zero_padded_queries(out.astype(q.dtype), mask)
 
 
@@ -121,7 +173,7 @@ class BigBirdAttention(Family):
   Attributes:
     block_size: block length (default 64).
     num_random_blocks: random blocks per query block (default 3).
-    num_global_blocks: global blocks (default 2: first and last).
+    num_global_blocks: global blocks (default 2: the first and the last real block).
     seed: seed of the random blocks, fixed for the module's lifetime (default 0).
   """
 
@@ -144,15 +196,18 @@ class BigBirdAttention(Family):
                              num_global_blocks=self.num_global_blocks, seed=self.seed)
 
   def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
-    """``[num_heads, length, length]`` allow-matrix (random blocks differ per head)."""
+    """``[num_heads, length, length]`` allow-matrix of an unpadded input of ``length``
+    tokens (random blocks differ per head). A padded example's pattern is that of its
+    extent (last real position + 1)."""
     bs = self.block_size
     n = -(-length // bs)
-    glob, rest, table, slot_valid = block_plan(n, num_heads, self.num_global_blocks,
-                                               self.num_random_blocks, self.seed)
+    table, slot_valid, is_global, _ = jax.tree.map(np.asarray, block_plan(
+        jnp.array([n]), n, num_heads, self.num_global_blocks, self.num_random_blocks,
+        self.seed))
     blocks = np.zeros((num_heads, n, n), bool)
-    blocks[:, list(glob), :] = True
+    blocks[:, is_global[0], :] = True
     for h in range(num_heads):
-      for row, i in enumerate(rest):
-        blocks[h, i, table[h, row][slot_valid[h, row]]] = True
+      for i in np.flatnonzero(~is_global[0]):
+        blocks[h, i, table[0, h, i][slot_valid[0, h, i]]] = True
     allowed = blocks.repeat(bs, axis=1).repeat(bs, axis=2)
     return allowed[:, :length, :length]

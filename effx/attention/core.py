@@ -182,3 +182,13 @@ def positions(batch: int, length: int, mask: jax.Array | None) -> tuple[jax.Arra
   pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
   valid = jnp.ones((batch, length), bool) if mask is None else mask
   return pos, valid
+
+
+def extents(batch: int, length: int, mask: jax.Array | None) -> jax.Array:
+  """Each example's extent, its last real position + 1 (``[batch]`` int32; 0 when it has
+  no real token). Plans that families draw over blocks or positions (BigBird's blocks,
+  Sinkhorn's sorted blocks, cosFormer's horizon) use it, so that trailing padding changes
+  no real output."""
+  if mask is None:
+    return jnp.full((batch,), length, jnp.int32)
+  return jnp.max(jnp.where(mask, jnp.arange(length, dtype=jnp.int32)[None, :] + 1, 0), axis=1)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
+from effx.attention.core import extents
 from effx.attention.linear import feature_attention
 from effx.attention.registry import register
 
@@ -47,10 +48,7 @@ def cosformer_horizon(length: int, mask: jax.Array | None, batch: int,
   """``M`` per example: ``max_len`` if given, else last real position + 1 (``[batch]``)."""
   if max_len is not None:
     return jnp.full((batch,), max_len, f32)
-  if mask is None:
-    return jnp.full((batch,), length, f32)
-  last = jnp.max(jnp.where(mask, jnp.arange(length)[None, :] + 1, 0), axis=1)
-  return jnp.maximum(last, 1).astype(f32)
+  return jnp.maximum(extents(batch, length, mask), 1).astype(f32)
 
 
 def cosformer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -90,6 +88,8 @@ class CosformerAttention(Family):
       for causal models run on segments or generated token by token).
     chunk_size: chunk length of the causal prefix sums (default 128).
   """
+
+  derived_defaults = {"max_len": "each example's extent (last real position + 1)"}
 
   max_len: int | None = None
   chunk_size: int = 128

@@ -27,14 +27,23 @@ from effx.attention.registry import register
 
 
 def num_buckets(length: int, bucket_size: int, n_buckets: int | None) -> int:
-  """Default: twice the number of chunks, so an average bucket fills half a chunk."""
+  """Buckets for ``length`` tokens. Default: twice the number of chunks, so an average
+  bucket fills half a chunk."""
   return 2 * -(-length // bucket_size) if n_buckets is None else n_buckets
 
 
 def draw_rotations(key: jax.Array, heads: int, head_dim: int, n_hashes: int,
                    n_buckets: int) -> jax.Array:
-  """Random rotations ``[heads, head_dim, n_hashes, n_buckets // 2]``."""
-  return jax.random.normal(key, (heads, head_dim, n_hashes, n_buckets // 2), jnp.float32)
+  """Random rotations ``[heads, head_dim, n_hashes, n_buckets // 2]``.
+
+  Column ``c`` is drawn from ``fold_in(key, c)``, so the first columns are the same
+  whatever ``n_buckets`` is: an example that uses fewer buckets (fewer real tokens)
+  hashes with the same rotations however long its padded batch is.
+  """
+  def column(c):
+    return jax.random.normal(jax.random.fold_in(key, c), (heads, head_dim, n_hashes),
+                             jnp.float32)
+  return jnp.moveaxis(jax.vmap(column)(jnp.arange(n_buckets // 2)), 0, -1)
 
 
 def _unit(x):
@@ -42,21 +51,32 @@ def _unit(x):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
-def _chunk_of(q, valid, rotations, bucket_size):
+def _chunk_of(q, valid, rotations, bucket_size, n_buckets):
   """Per round, the sort order and each token's chunk.
 
   Args:
     q: ``[b, lp, h, d]`` (length padded to whole chunks); valid: ``[b, lp]``.
+    n_buckets: buckets per round, or None: ``num_buckets`` of each example's number of
+      real tokens (``rotations`` must have enough columns for the longest).
 
   Returns:
     ``perm [b, h, r, lp]`` (sorted slot -> position) and ``chunk [b, h, r, lp]``
     (position -> chunk index in that round).
   """
   lp = q.shape[1]
+  columns = rotations.shape[-1]
   rot = jnp.einsum("blhd,hdrn->bhrln", _unit(q), rotations)
-  buckets = jnp.argmax(jnp.concatenate([rot, -rot], axis=-1), axis=-1)
+  if n_buckets is None:
+    used = num_buckets(jnp.sum(valid, axis=1), bucket_size, None) // 2          # [b]
+  else:
+    used = jnp.full(q.shape[:1], n_buckets // 2)
+  in_use = (jnp.arange(columns) < used[:, None])[:, None, None, None, :]
+  rot = jnp.where(in_use, rot, -jnp.inf)
+  # Bucket ids: +c for column c, columns + c for its negation; only their order matters.
+  buckets = jnp.argmax(jnp.concatenate([rot, jnp.where(in_use, -rot, -jnp.inf)], axis=-1),
+                       axis=-1)
   # Padding sorts after every real token, whatever its content.
-  buckets = jnp.where(valid[:, None, None, :], buckets, rotations.shape[-1] * 2)
+  buckets = jnp.where(valid[:, None, None, :], buckets, columns * 2)
   perm = jnp.argsort(buckets * lp + jnp.arange(lp), axis=-1)
   chunk = jnp.argsort(perm, axis=-1) // bucket_size
   return perm, chunk
@@ -64,7 +84,7 @@ def _chunk_of(q, valid, rotations, bucket_size):
 
 def lsh_attention(q: jax.Array, v: jax.Array, *, rotations: jax.Array,
                   mask: jax.Array | None = None, causal: bool = False,
-                  bucket_size: int = 64) -> jax.Array:
+                  bucket_size: int = 64, n_buckets: int | None = None) -> jax.Array:
   """Multi-round LSH attention with shared queries and keys.
 
   Args:
@@ -74,6 +94,8 @@ def lsh_attention(q: jax.Array, v: jax.Array, *, rotations: jax.Array,
     mask: optional ``[batch, length]`` padding mask (True = real token).
     causal: no attention to later positions.
     bucket_size: chunk length; the length is padded to whole chunks internally.
+    n_buckets: buckets per round; None: ``num_buckets`` of each example's number of real
+      tokens, using the first columns of ``rotations``.
 
   Returns:
     ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
@@ -87,7 +109,7 @@ def lsh_attention(q: jax.Array, v: jax.Array, *, rotations: jax.Array,
   vp = pad_axis(v, bucket_size, axis=1)
   valid = pad_axis(valid, bucket_size, axis=1, value=False)
   lp = qp.shape[1]
-  perm, chunk = _chunk_of(qp, valid, rotations, bucket_size)
+  perm, chunk = _chunk_of(qp, valid, rotations, bucket_size, n_buckets)
 
   def sort(x):  # [b, lp, h, e] -> [b, h, r, n_chunks, bucket_size, e]
     x = jnp.swapaxes(x, 1, 2)[:, :, None]
@@ -135,14 +157,15 @@ def lsh_attention(q: jax.Array, v: jax.Array, *, rotations: jax.Array,
 
 
 def lsh_allow_matrix(q: jax.Array, *, rotations: jax.Array, mask: jax.Array | None = None,
-                     causal: bool = False, bucket_size: int = 64) -> jax.Array:
+                     causal: bool = False, bucket_size: int = 64,
+                     n_buckets: int | None = None) -> jax.Array:
   """``[batch, heads, length, length]`` allow-matrix that ``lsh_attention`` computes with
   these hashes (use the unit-normalised ``q`` as keys in ``reference``)."""
   b, length = q.shape[:2]
   valid = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
   qp = pad_axis(q, bucket_size, axis=1)
   validp = pad_axis(valid, bucket_size, axis=1, value=False)
-  _, chunk = _chunk_of(qp, validp, rotations, bucket_size)
+  _, chunk = _chunk_of(qp, validp, rotations, bucket_size, n_buckets)
   chunk = chunk[..., :length]                               # [b, h, r, l]
   diff = chunk[..., :, None] - chunk[..., None, :]
   near = jnp.any((diff == 0) | (diff == 1), axis=2)          # [b, h, l, l]
@@ -169,14 +192,16 @@ class LSHAttention(Family):
   Attributes:
     n_hashes: hash rounds (default 2).
     bucket_size: chunk length ``m`` (default 64).
-    n_buckets: buckets per round; default ``2 * ceil(length / bucket_size)`` so that an
-      average bucket fills half a chunk (Kitaev et al., Sec. 2).
+    n_buckets: buckets per round; default (None) ``2 * ceil(n / bucket_size)`` for an
+      example of ``n`` real tokens, so that an average bucket fills half a chunk
+      (Kitaev et al., Sec. 2) and trailing padding changes nothing.
     seed: seed of the fixed per-layer rotations (``effx.attention.randomness``).
     redraw: draw new rotations on every training call (the paper's behaviour; default
       True); evaluation always uses the fixed rotations.
   """
 
   pattern_kind = "content"
+  derived_defaults = {"n_buckets": "2 * ceil(real tokens / bucket_size), per example"}
 
   n_hashes: int = 2
   bucket_size: int = 64
@@ -189,17 +214,19 @@ class LSHAttention(Family):
 
   def rotations(self, q: jax.Array, deterministic: bool = True) -> jax.Array:
     key = family_key(self, seed=self.seed, redraw=self.redraw, deterministic=deterministic)
-    n = num_buckets(q.shape[1], self.bucket_size, self.n_buckets)
+    n = num_buckets(q.shape[1], self.bucket_size, self.n_buckets)  # enough for any example
     return draw_rotations(key, q.shape[2], q.shape[3], self.n_hashes, n)
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     check_qkv("lsh", q, k, v, mask)
     return lsh_attention(q, v, rotations=self.rotations(q, deterministic), mask=mask,
-                         causal=self.causal, bucket_size=self.bucket_size)
+                         causal=self.causal, bucket_size=self.bucket_size,
+                         n_buckets=self.n_buckets)
 
   def allow_matrix(self, q, k=None, *, mask=None, deterministic=True):
     """``[batch, heads, length, length]`` pattern for queries ``q`` (call via ``apply``;
     ``k`` is ignored: keys are the normalised queries)."""
     del k
     return lsh_allow_matrix(q, rotations=self.rotations(q, deterministic), mask=mask,
-                            causal=self.causal, bucket_size=self.bucket_size)
+                            causal=self.causal, bucket_size=self.bucket_size,
+                            n_buckets=self.n_buckets)

@@ -8,6 +8,15 @@ marginally Gaussian. A ReLU kernel (``phi(x) = relu(W x) / sqrt(m) + 1e-3``) is 
 generalised-attention option. Attention is then linear in length
 (``effx.attention.linear.feature_attention``), causal by chunked prefix sums.
 
+Numerics: each token's features are kept in ``[0, 1]`` with their magnitude carried as a
+log scale, and every query is normalised by the largest scale among the keys it may see
+(``feature_attention``), whose division keeps gradients exact without squaring a tiny
+denominator; a denominator below 1e-30 counts as zero. At large inputs (entries of std
+10, and 20, at head_dim 64) outputs and gradients stay finite and a causal output
+depends on no later key. An earlier version shifted all keys by one maximum over the
+whole sequence: a large later key could underflow every earlier output to zero, and
+gradients were NaN from std 3.
+
 The error against softmax attention falls as ``num_features`` grows
 (``tests/attention/test_approximate.py`` shows it for 16 -> 256 -> 1024 features).
 """
@@ -25,6 +34,7 @@ from effx.attention.registry import register
 
 KERNELS = ("softmax", "relu")
 RELU_EPSILON = 1e-3
+DEFAULT_EPSILON = 0.0
 
 
 def draw_features(key: jax.Array, num_features: int, head_dim: int,
@@ -45,32 +55,43 @@ def draw_features(key: jax.Array, num_features: int, head_dim: int,
   return rows * norms[:, None]
 
 
-def favor_features(x: jax.Array, projection: jax.Array, *, kernel: str, is_query: bool,
-                   mask: jax.Array | None = None) -> jax.Array:
-  """FAVOR+ feature map ``[batch, length, heads, num_features]`` of ``x``.
+def favor_features(x: jax.Array, projection: jax.Array, *, kernel: str,
+                   epsilon: float = DEFAULT_EPSILON) -> tuple[jax.Array, jax.Array | None]:
+  """FAVOR+ features of ``x [batch, length, heads, head_dim]``, split into a bounded part
+  and a per-token log scale.
 
-  The softmax features subtract a stabiliser before ``exp``: per token for queries, per
-  (batch, head) over real tokens for keys. Both cancel exactly in the attention ratio.
+  Softmax kernel: with ``x' = x / d^(1/4)`` and ``l_m = w_m . x' - |x'|^2 / 2``, the paper's
+  feature ``exp(l_m) / sqrt(m)`` is returned as ``phi_m = exp(l_m - a) + epsilon`` with
+  ``a = max_m l_m`` and log scale ``a`` (the constant ``1 / sqrt(m)`` cancels in attention
+  and is dropped). ``phi`` lies in ``[epsilon, 1 + epsilon]`` with its largest entry
+  ``1 + epsilon``, so its products do not overflow. ``epsilon > 0`` (google-research's
+  FAVOR+ adds 1e-6) bounds denominators away from zero at the price of a bias towards
+  uniform weights; 0 is the paper's estimator. ReLU kernel:
+  ``relu(w . x') / sqrt(m) + 1e-3`` and no log scale (``None``).
+
+  Returns:
+    ``(phi [batch, length, heads, num_features], log_scale [batch, length, heads] | None)``,
+    float32.
   """
   x = x.astype(jnp.float32) * x.shape[-1] ** -0.25
   m = projection.shape[0]
   proj = jnp.einsum("blhd,md->blhm", x, projection)
   if kernel == "relu":
-    return jax.nn.relu(proj) * m ** -0.5 + RELU_EPSILON
+    return jax.nn.relu(proj) * m ** -0.5 + RELU_EPSILON, None
   logits = proj - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
-  if is_query:
-    stab = jnp.max(logits, axis=-1, keepdims=True)
-  else:
-    real = logits if mask is None else jnp.where(mask[:, :, None, None], logits, -jnp.inf)
-    stab = jnp.max(real, axis=(1, 3), keepdims=True)
-    stab = jnp.where(jnp.isfinite(stab), stab, 0.0)
-  return jnp.exp(logits - jax.lax.stop_gradient(stab)) * m ** -0.5
+  top = jnp.max(logits, axis=-1)
+  return jnp.exp(logits - top[..., None]) + epsilon, top
 
 
 def performer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, projection: jax.Array,
                         mask: jax.Array | None = None, causal: bool = False,
-                        kernel: str = "softmax", chunk_size: int = 128) -> jax.Array:
+                        kernel: str = "softmax", chunk_size: int = 128,
+                        epsilon: float = DEFAULT_EPSILON) -> jax.Array:
   """FAVOR+ attention for a given random projection.
+
+  Query ``i`` weighs key ``j`` by ``phi(q_i) . phi(k_j)`` (``favor_features``; a query's
+  own log scale cancels). Each query's normaliser shifts only by keys it may see, so a
+  causal output depends on earlier positions alone at any input scale.
 
   Args:
     q, k: ``[batch, length, heads, head_dim]``; v: ``[batch, length, heads, head_dim_v]``.
@@ -78,15 +99,17 @@ def performer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, projection:
     mask: optional ``[batch, length]`` padding mask (True = real token).
     causal: prefix-sum attention, chunked by ``chunk_size``.
     kernel: ``"softmax"`` (FAVOR+) or ``"relu"``.
+    epsilon: added to every softmax feature (see ``favor_features``; default 0).
 
   Returns:
     ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
   """
   mask = check_qkv("performer", q, k, v, mask)
   check_choice("performer", "kernel", kernel, KERNELS)
-  phi_q = favor_features(q, projection, kernel=kernel, is_query=True)
-  phi_k = favor_features(k, projection, kernel=kernel, is_query=False, mask=mask)
-  out = feature_attention(phi_q, phi_k, v, mask=mask, causal=causal, chunk_size=chunk_size)
+  phi_q, _ = favor_features(q, projection, kernel=kernel, epsilon=epsilon)
+  phi_k, log_scale = favor_features(k, projection, kernel=kernel, epsilon=epsilon)
+  out = feature_attention(phi_q, phi_k, v, mask=mask, causal=causal, chunk_size=chunk_size,
+                          k_log_scale=log_scale)
   return zero_padded_queries(out.astype(q.dtype), mask)
 
 
@@ -98,26 +121,36 @@ class PerformerAttention(Family):
     num_features: random features ``m`` (default 256).
     kernel: ``"softmax"`` (default) or ``"relu"``.
     orthogonal: orthogonal random features (default True).
-    redraw: draw new features on every training call (default False: the layer's fixed
-      draw, see ``effx.attention.randomness``); evaluation always uses the fixed draw.
+    redraw: draw new features on every training call (default True, as in the paper and
+      google-research's implementation: a fixed draw lets training fit the draw's
+      errors); evaluation always uses the layer's fixed draw
+      (``effx.attention.randomness``).
     seed: seed of the fixed draw.
     chunk_size: chunk length of causal prefix sums (default 128).
+    epsilon: added to every (normalised) softmax feature; default 0, the paper's
+      estimator. google-research's implementation uses 1e-6, which moves unit-scale
+      outputs by ~1e-4 and pulls large-scale ones towards uniform weights.
   """
 
   num_features: int = 256
   kernel: str = "softmax"
   orthogonal: bool = True
-  redraw: bool = False
+  redraw: bool = True
   seed: int = 0
   chunk_size: int = 128
+  epsilon: float = DEFAULT_EPSILON
 
   def check_options(self):
     check_positive("performer", "num_features", self.num_features)
     check_choice("performer", "kernel", self.kernel, KERNELS)
     check_positive("performer", "chunk_size", self.chunk_size)
+    if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or not (
+        0 <= self.epsilon < 1):
+      raise ValueError(f"performer: option epsilon={self.epsilon!r} must be a number in [0, 1)")
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     key = family_key(self, seed=self.seed, redraw=self.redraw, deterministic=deterministic)
     projection = draw_features(key, self.num_features, q.shape[-1], self.orthogonal)
     return performer_attention(q, k, v, projection=projection, mask=mask, causal=self.causal,
-                               kernel=self.kernel, chunk_size=self.chunk_size)
+                               kernel=self.kernel, chunk_size=self.chunk_size,
+                               epsilon=self.epsilon)

@@ -47,13 +47,30 @@ def get(name: str) -> type[nn.Module]:
     ) from None
 
 
-def options(name: str) -> dict[str, Any]:
-  """The options family ``name`` accepts, with their defaults."""
-  return {
-      f.name: f.default
-      for f in dataclasses.fields(get(name))
-      if f.init and f.name not in _NOT_OPTIONS
-  }
+class Options(dict):
+  """A family's options and their defaults (a plain dict), with ``notes``: for each
+  option whose default (``None``) is derived from the input or other options, how.
+  Printed, the notes follow their options as comments."""
+
+  def __init__(self, defaults: dict[str, Any], notes: dict[str, str]):
+    super().__init__(defaults)
+    self.notes = dict(notes)
+
+  def __repr__(self) -> str:
+    if not self.notes:
+      return super().__repr__()
+    lines = [f"  {k!r}: {v!r},"
+             + (f"  # {self.notes[k]}" if k in self.notes else "") for k, v in self.items()]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def options(name: str) -> Options:
+  """The options family ``name`` accepts, with their defaults (``Options``: a dict whose
+  ``notes`` say how a default derived from the input is chosen)."""
+  cls = get(name)
+  return Options({f.name: f.default for f in dataclasses.fields(cls)
+                  if f.init and f.name not in _NOT_OPTIONS},
+                 getattr(cls, "derived_defaults", {}))
 
 
 def supports_causal(name: str) -> bool:

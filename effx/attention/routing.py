@@ -4,7 +4,13 @@ Routing Transformers").
 Queries and keys are unit-normalised and routed to ``num_clusters`` shared centroids.
 For balanced clusters each centroid takes its ``window`` nearest queries and its
 ``window`` nearest keys (top-k, as in the paper); a cluster's queries attend to that
-cluster's keys. A query picked by several clusters gets the exact softmax over the union
+cluster's keys. Cost O(num_clusters * window^2) per head: with the defaults, a fixed
+window of 128 and ``ceil(length / window)`` clusters (fixed when the module is
+initialised, from the length it is initialised with), that is linear in the length and
+every token can be routed. The paper's choice of about sqrt(length) clusters of
+sqrt(length) tokens (O(length^1.5)) is ``num_clusters=w, window=w`` with ``w ~ sqrt(n)``.
+Padded tokens rank after every real one in each top-k, so trailing padding changes no
+real output. A query picked by several clusters gets the exact softmax over the union
 of their keys (each logit lowered by ``log`` of how many of its clusters share the key, as
 for LSH rounds); every token also attends to itself, so a token no cluster picks still
 sees its own value (a small extension: the paper's model relied on local heads for that).
@@ -34,8 +40,12 @@ def _unit(x):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
-def _window(length: int, num_clusters: int, window: int | None) -> int:
-  return min(length, -(-length // num_clusters) if window is None else window)
+DEFAULT_WINDOW = 128
+
+
+def default_clusters(length: int, window: int) -> int:
+  """Clusters that let every one of ``length`` tokens be routed: ``ceil(length / window)``."""
+  return max(1, -(-length // window))
 
 
 def _route(x, valid, centroids, window):
@@ -57,7 +67,7 @@ def _membership(idx, length):
 
 def routing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, centroids: jax.Array,
                       mask: jax.Array | None = None, causal: bool = False,
-                      window: int | None = None) -> jax.Array:
+                      window: int = DEFAULT_WINDOW) -> jax.Array:
   """Routing attention for given centroids.
 
   Args:
@@ -65,7 +75,7 @@ def routing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, centroids: ja
     centroids: ``[heads, num_clusters, head_dim]`` unit vectors.
     mask: optional ``[batch, length]`` padding mask (True = real token).
     causal: no attention to later positions.
-    window: tokens per cluster; default ``ceil(length / num_clusters)``.
+    window: queries and keys per cluster (capped at the length).
 
   Returns:
     ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
@@ -73,8 +83,7 @@ def routing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, centroids: ja
   mask = check_qkv("routing", q, k, v, mask)
   b, length, h, d = q.shape
   dv = v.shape[-1]
-  clusters = centroids.shape[1]
-  w = _window(length, clusters, window)
+  w = min(length, window)
   valid = jnp.ones((b, length), bool) if mask is None else mask
   qi = _route(q, valid, centroids, w)                        # [b, h, c, w]
   ki = _route(k, valid, centroids, w)
@@ -117,11 +126,11 @@ def routing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, centroids: ja
   return zero_padded_queries(jnp.swapaxes(out, 1, 2).astype(q.dtype), mask)
 
 
-def routing_allow_matrix(q, k, *, centroids, mask=None, causal=False, window=None):
+def routing_allow_matrix(q, k, *, centroids, mask=None, causal=False, window=DEFAULT_WINDOW):
   """``[batch, heads, length, length]`` allow-matrix that ``routing_attention`` computes."""
   b, length = q.shape[:2]
   valid = jnp.ones((b, length), bool) if mask is None else mask.astype(bool)
-  w = _window(length, centroids.shape[1], window)
+  w = min(length, window)
   mq = _membership(_route(q, valid, centroids, w), length)
   mk = _membership(_route(k, valid, centroids, w), length)
   meet = jnp.einsum("bhqc,bhkc->bhqk", mq, mk) > 0
@@ -145,8 +154,8 @@ def update_centroids(centroids, q, k, mask, decay):
 
 
 def _check(num_clusters, window, ema_decay):
-  check_positive("routing", "num_clusters", num_clusters)
-  check_positive("routing", "window", window, allow_none=True)
+  check_positive("routing", "num_clusters", num_clusters, allow_none=True)
+  check_positive("routing", "window", window)
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"routing: option ema_decay={ema_decay!r} must be in [0, 1)")
 
@@ -156,33 +165,37 @@ class RoutingAttention(Family):
   """Routing Transformer attention with EMA k-means centroids (``"state"`` collection).
 
   Attributes:
-    num_clusters: number of centroids, shared by queries and keys (default 8).
-    window: tokens per cluster; default ``ceil(length / num_clusters)`` (every token
-      in some cluster on average). A fixed window keeps cost linear in length.
+    num_clusters: number of centroids, shared by queries and keys; default (None)
+      ``ceil(length / window)`` for the length the module is initialised with (the
+      trainer initialises with the task's length), so that every token can be routed.
+      The centroids' shape fixes it afterwards.
+    window: queries and keys per cluster (default 128). Cost per head is
+      ``num_clusters * window^2``.
     ema_decay: centroid moving-average decay (default 0.999).
   """
 
   pattern_kind = "content"
+  derived_defaults = {"num_clusters": "ceil(length / window), at initialisation"}
   mutable_state = True
 
-  num_clusters: int = 8
-  window: int | None = None
+  num_clusters: int | None = None
+  window: int = DEFAULT_WINDOW
   ema_decay: float = 0.999
 
   def check_options(self):
     _check(self.num_clusters, self.window, self.ema_decay)
 
-  def _centroids(self, head_dim_shape):
-    heads, head_dim = head_dim_shape
+  def _centroids(self, shape):
+    _, length, heads, head_dim = shape
+    clusters = self.num_clusters or default_clusters(length, self.window)
     return self.variable(
         "state", "centroids",
-        lambda: _unit(jax.random.normal(self.make_rng("params"),
-                                        (heads, self.num_clusters, head_dim))))
+        lambda: _unit(jax.random.normal(self.make_rng("params"), (heads, clusters, head_dim))))
 
   @nn.compact
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     mask = check_qkv("routing", q, k, v, mask)
-    centroids = self._centroids(q.shape[2:])
+    centroids = self._centroids(q.shape)
     out = routing_attention(q, k, v, centroids=centroids.value, mask=mask, causal=self.causal,
                             window=self.window)
     if not deterministic and self.is_mutable_collection("state") and not self.is_initializing():
@@ -192,6 +205,6 @@ class RoutingAttention(Family):
   @nn.compact
   def allow_matrix(self, q, k, *, mask=None):
     """``[batch, heads, length, length]`` pattern for these inputs (call via ``apply``)."""
-    centroids = self._centroids(q.shape[2:])
+    centroids = self._centroids(q.shape)
     return routing_allow_matrix(q, k, centroids=centroids.value, mask=mask, causal=self.causal,
                                 window=self.window)

@@ -19,7 +19,9 @@ Here causal balancing normalises rows only, so every output depends on earlier-o
 positions alone (queries, keys and values), which the tests check.
 
 Padding: padded keys and values are zeroed before pooling and mixing; a sorted slot is
-masked when no real key contributes to it.
+masked when no real key contributes to it. Only the blocks up to an example's last real
+token are sorted (the balancing runs over that square), so trailing padding changes no
+real output.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from effx.attention.base import (Family, check_positive, check_qkv, zero_padded_queries)
-from effx.attention.core import NEG, grouped_attention, pad_axis
+from effx.attention.core import NEG, extents, grouped_attention, pad_axis
 from effx.attention.registry import register
 
 f32 = jnp.float32
@@ -112,9 +114,14 @@ class SinkhornAttention(Family):
     if self.gumbel_noise and not deterministic:
       u = jax.random.uniform(self.make_rng("dropout"), logits.shape, minval=1e-6, maxval=1.0)
       logits = logits - jnp.log(-jnp.log(u))
-    allowed = jnp.ones((n, n), bool)
+    # Only blocks up to each example's last real token take part in the sorting, so
+    # trailing padding blocks change no real output (their count would shift the column
+    # normalisation).
+    real_blocks = -(-extents(b, length, mask) // bs)             # [b]
+    live = jnp.arange(n)[None, :] < real_blocks[:, None]        # [b, n]
+    allowed = live[:, None, :, None] & live[:, None, None, :]     # [b, 1, n, n]
     if self.causal:
-      allowed = jnp.tri(n, k=-1, dtype=bool)
+      allowed = allowed & jnp.tri(n, k=-1, dtype=bool)
     sort = jnp.exp(log_sinkhorn(logits / self.temperature, allowed, self.sinkhorn_iters,
                                 columns=not self.causal))
     sort = jnp.where(allowed, sort, 0.0)

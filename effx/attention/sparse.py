@@ -128,6 +128,8 @@ class SparseAttention(Family):
     summary: summary positions per block ``c`` for ``"fixed"`` (default ``l // 16``).
   """
 
+  derived_defaults = {"summary": "max(1, stride // 16)"}
+
   pattern_kind = "static"
 
   pattern: str = "strided"

@@ -40,6 +40,8 @@ class SynthesizerAttention(Family):
     param_dtype: dtype of the synthesiser's parameters.
   """
 
+  derived_defaults = {"hidden": "head_dim"}
+
   mode: str = "dense"
   max_len: int = 1024
   rank: int = 8

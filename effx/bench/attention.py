@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import effx.attention as ea
+from effx.attention import routing
 from effx.bench import harness, plots
 from effx.bench.memory import LONG_OPTIONS
 
@@ -37,6 +38,11 @@ def family_options(name: str, max_length: int) -> dict[str, Any]:
     if key in options:
       options[key] = max(options[key], max_length)
   return options
+
+
+def _clusters(length: int, options: dict[str, Any]) -> int:
+  window = options.get("window", routing.DEFAULT_WINDOW)
+  return options.get("num_clusters") or routing.default_clusters(length, window)
 
 
 def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
@@ -56,8 +62,7 @@ def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
                  * o.get("block_size", 64),
       "lsh": o.get("n_hashes", 2) * 2 * o.get("bucket_size", 64),
       # each of k clusters: its w nearest queries x its w nearest keys
-      "routing": (o.get("num_clusters", 8) * min(n, o.get("window") or -(-n // o.get(
-          "num_clusters", 8))) ** 2 / n),
+      "routing": _clusters(n, o) * min(n, o.get("window", routing.DEFAULT_WINDOW)) ** 2 / n,
       "sinkhorn": 2 * o.get("block_size", 64),
       "linformer": o.get("k", 256),
       "synthesizer": n,
@@ -72,7 +77,7 @@ def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
   if name == "linformer":
     total += 4.0 * bh * n * o.get("k", 256) * d  # E K and F V
   if name == "routing":
-    total += 2.0 * bh * n * o.get("num_clusters", 8) * d
+    total += 2.0 * bh * n * _clusters(n, o) * d
   if name == "lsh":
     total += 2.0 * bh * n * d * o.get("n_hashes", 2) * (o.get("n_buckets") or 2 * n // 64) / 2
   return total * (3 if train else 1)

@@ -10,7 +10,6 @@ import pytest
 
 import effx.attention as ea
 from support import padding_mask
-from effx.attention import lsh as lsh_lib
 
 RTOL = 1e-5
 
@@ -38,8 +37,10 @@ STATIC = [
 CONTENT = [
     ("lsh", dict(n_hashes=1, bucket_size=4)),
     ("lsh", dict(n_hashes=3, bucket_size=8)),
-    ("routing", dict(num_clusters=4)),
+    ("lsh", dict(n_hashes=2, bucket_size=6, n_buckets=4)),
+    ("routing", dict(num_clusters=4, window=10)),
     ("routing", dict(num_clusters=3, window=5)),
+    ("routing", dict(window=8)),
 ]
 # (batch, length, heads, head_dim, head_dim_v): every case runs on the first shape; the
 # first case of each family also on the second (value width != key width).
@@ -89,9 +90,24 @@ def _out_and_grads(fn, args, w):
 def _reference_out_and_grads(q, k, v, w, mask, pattern, normalise_keys=False):
   """Compiled once per shape and shared by every case (the pattern is an argument)."""
   def ref(q, k, v):
-    keys = lsh_lib._unit(q) if normalise_keys else k
+    keys = q / jnp.linalg.norm(q, axis=-1, keepdims=True) if normalise_keys else k
     return ea.reference(q, keys, v, mask=mask, pattern=pattern)
   return _out_and_grads(ref, (q, k, v), w)
+
+
+def _static_pattern(name, module, mask, heads):
+  """``[batch, heads, length, length]``: BigBird plans its blocks over each example's
+  extent (last real position + 1), so a padded example has the pattern of an unpadded
+  input of that length; the other static families' patterns do not depend on it."""
+  length = mask.shape[1]
+  if name != "bigbird":
+    return np.broadcast_to(module.allow_matrix(length, heads), (mask.shape[0], heads,
+                                                                 length, length))
+  out = np.zeros((mask.shape[0], heads, length, length), bool)
+  for b, row in enumerate(np.asarray(mask)):
+    extent = np.flatnonzero(row)[-1] + 1
+    out[b, :, :extent, :extent] = module.allow_matrix(int(extent), heads)
+  return out
 
 
 def _causal_settings(name):
@@ -102,10 +118,10 @@ def _causal_settings(name):
                          ids=[_id(c) for c in _with_shapes(STATIC)])
 def test_static_pattern_family_equals_reference(name, options, shape):
   q, k, v, w, mask = _inputs(shape)
-  h, length = shape[2], shape[1]
+  h = shape[2]
   for causal in _causal_settings(name):
     module = ea.make(name, causal=causal, **options)
-    allowed = jnp.asarray(module.allow_matrix(length, h))
+    allowed = jnp.asarray(_static_pattern(name, module, mask, h))
     family = jax.jit(lambda q, k, v: _out_and_grads(
         lambda *a: module.apply({}, *a, mask=mask), (q, k, v), w))
     out, grad = family(q, k, v)
@@ -116,28 +132,110 @@ def test_static_pattern_family_equals_reference(name, options, shape):
       _assert_close(f"{label} d{which}", g, r)
 
 
+def _lsh_pattern(q, mask, rotations, bucket_size, n_buckets, causal):
+  """Reformer's pattern from the paper's recipe, in NumPy: per round, angular LSH
+  ``argmax([xR; -xR])`` over ``n_buckets`` buckets (default twice the chunks of the real
+  tokens), the real tokens stably sorted by bucket, cut into chunks of ``bucket_size``;
+  each chunk sees itself and the chunk before; not oneself unless alone."""
+  q, mask, rotations = np.asarray(q, np.float64), np.asarray(mask), np.asarray(rotations)
+  b, length, heads, _ = q.shape
+  out = np.zeros((b, heads, length, length), bool)
+  for bi in range(b):
+    real = np.flatnonzero(mask[bi])
+    half = n_buckets // 2 if n_buckets else -(-len(real) // bucket_size)
+    for h in range(heads):
+      seen = np.zeros((length, length), bool)
+      for r in range(rotations.shape[2]):
+        proj = q[bi, real, h] @ rotations[h, :, r, :half]
+        bucket = np.argmax(np.concatenate([proj, -proj], axis=1), axis=1)
+        rank = np.empty(len(real), int)
+        rank[np.lexsort((real, bucket))] = np.arange(len(real))
+        chunk = rank // bucket_size
+        near = (chunk[:, None] == chunk[None, :]) | (chunk[:, None] - 1 == chunk[None, :])
+        seen[np.ix_(real, real)] |= near
+      np.fill_diagonal(seen, False)
+      if causal:
+        seen &= np.tri(length, dtype=bool)
+      alone = ~seen.any(axis=1)
+      seen[alone, alone] = True
+      out[bi, h] = seen
+  return out
+
+
+def _routing_pattern(q, k, mask, centroids, window, causal):
+  """The Routing Transformer's pattern in NumPy: each centroid takes its ``window``
+  most similar real (unit-normalised) queries and keys; a query sees the keys of every
+  cluster it is in, and itself."""
+  q, k, mask, centroids = (np.asarray(x, np.float64) for x in (q, k, mask, centroids))
+  b, length, heads, _ = q.shape
+  out = np.zeros((b, heads, length, length), bool)
+  for bi in range(b):
+    real = np.flatnonzero(mask[bi])
+    w = min(window, len(real))
+    for h in range(heads):
+      def members(x):
+        x = x[bi, real, h] / np.linalg.norm(x[bi, real, h], axis=-1, keepdims=True)
+        sims = centroids[h] @ x.T                                   # [clusters, real]
+        picked = np.zeros((len(centroids[h]), length), bool)
+        for c, row in enumerate(sims):
+          picked[c, real[np.argsort(-row, kind="stable")[:w]]] = True
+        return picked
+      seen = (members(q).T.astype(int) @ members(k).astype(int)) > 0
+      seen |= np.eye(length, dtype=bool)
+      seen &= mask[bi].astype(bool)[None, :]
+      if causal:
+        seen &= np.tri(length, dtype=bool)
+      out[bi, h] = seen
+  return out
+
+
 @pytest.mark.parametrize("name,options,shape", _with_shapes(CONTENT),
                          ids=[_id(c) for c in _with_shapes(CONTENT)])
 def test_content_pattern_family_equals_reference(name, options, shape):
-  """LSH and routing equal the reference over the pattern their hashes / clusters induce
-  (LSH: keys are the unit-normalised queries; its k input is unused)."""
+  """LSH and routing equal the reference over the pattern that an independent NumPy
+  re-implementation of their hashing / clustering gives for the module's own random
+  rotations / centroids (LSH: keys are the unit-normalised queries; its k input is
+  unused)."""
   q, k, v, w, mask = _inputs(shape)
   for causal in (False, True):
     module = ea.make(name, causal=causal, **options)
     variables = jax.jit(module.init)(jax.random.PRNGKey(1), q, k, v, mask=mask)
-    allowed = jax.jit(functools.partial(module.apply, method="allow_matrix"))(
-        variables, q, k, mask=mask)
+    if name == "lsh":
+      rotations = module.apply(variables, q, method=lambda m, q: m.rotations(q))
+      allowed = _lsh_pattern(q, mask, rotations, options["bucket_size"],
+                             options.get("n_buckets"), causal)
+    else:
+      allowed = _routing_pattern(q, k, mask, variables["state"]["centroids"],
+                                 options.get("window", 128), causal)
     argnums = (0, 2) if name == "lsh" else (0, 1, 2)  # LSH ignores k
     # The pattern is held fixed: gradients are those of attention over fixed buckets.
     family = jax.jit(lambda q, k, v: _out_and_grads(
         lambda *a: module.apply(variables, *a, mask=mask), (q, k, v), w))
     out, grad = family(q, k, v)
-    ref, ref_grad = _reference_out_and_grads(q, k, v, w, mask, allowed,
+    ref, ref_grad = _reference_out_and_grads(q, k, v, w, mask, jnp.asarray(allowed),
                                              normalise_keys=name == "lsh")
     label = f"{name}{options} causal={causal}"
     _assert_close(label + " out", out, ref)
     for which in argnums:
       _assert_close(f"{label} d{'qkv'[which]}", grad[which], ref_grad[which])
+
+
+def test_content_patterns_match_the_modules_own_drawing():
+  """``ea.pattern`` (the modules' allow_matrix) draws the same pattern as the oracles."""
+  q, k, v, _, mask = _inputs(SHAPES[0])
+  for name, options in CONTENT:
+    module = ea.make(name, **options)
+    variables = jax.jit(module.init)(jax.random.PRNGKey(1), q, k, v, mask=mask)
+    drawn = module.apply(variables, q, k, mask=mask, method="allow_matrix")
+    if name == "lsh":
+      rotations = module.apply(variables, q, method=lambda m, q: m.rotations(q))
+      want = _lsh_pattern(q, mask, rotations, options["bucket_size"], options.get("n_buckets"),
+                          False)
+    else:
+      want = _routing_pattern(q, k, mask, variables["state"]["centroids"],
+                              options.get("window", 128), False)
+    real = np.asarray(mask)[:, None, :, None] & np.asarray(mask)[:, None, None, :]
+    np.testing.assert_array_equal(np.asarray(drawn) & real, want & real, err_msg=name)
 
 
 def test_blockwise_matches_dense_at_a_longer_length():
@@ -146,3 +244,24 @@ def test_blockwise_matches_dense_at_a_longer_length():
   for causal in (False, True):
     out = ea.blockwise_attention(q, k, v, mask=mask, causal=causal, q_chunk=64, k_chunk=96)
     _assert_close("blockwise", out, ea.reference(q, k, v, mask=mask, causal=causal))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_cudnn_equals_xla(causal):
+  """cuDNN's fused kernel (GPU, bfloat16) computes dense attention: outputs and
+  gradients within bfloat16 tolerance of the XLA path, padding and causality included;
+  "auto" picks it there."""
+  q, k, v, w, mask = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x
+                      for x in _inputs((2, 256, 4, 64, 64)))
+
+  def run(implementation):
+    return jax.jit(lambda q, k, v: _out_and_grads(
+        lambda *a: ea.dense_attention(*a, mask=mask, causal=causal,
+                                      implementation=implementation), (q, k, v), w))(q, k, v)
+
+  (out, grads), (ref, ref_grads) = run("cudnn"), run("xla")
+  for got, want in zip((out, *grads), (ref, *ref_grads)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.abs(got - want).max() <= 2e-2 * max(np.abs(want).max(), 1.0)
+  np.testing.assert_array_equal(np.asarray(run("auto")[0], np.float32), np.asarray(out, np.float32))

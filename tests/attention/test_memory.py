@@ -39,3 +39,18 @@ def test_quadratic_synthesizer_modes_are_quadratic(mode):
   """The issue exempts these; the test records that they are what the paper says."""
   mem = [attention_memory("synthesizer", n, mode=mode, max_len=8192)["temp"] for n in (4096, 8192)]
   assert mem[1] / mem[0] > 3.5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_routing_defaults_are_sub_quadratic(causal):
+  """With its default options (window 128, ceil(length / 128) clusters) routing grows
+  at most 2.3x per doubling (it grew 2.75x, ~0.13 of dense, with the old default window
+  of length / 8)."""
+  small, large = (_temp_defaults("routing", n, causal) for n in (4096, 8192))
+  assert large / small <= 2.3, f"routing grows {large / small:.2f}x from 4096 to 8192"
+  assert large * 4 < _temp("dense", 8192, causal)
+
+
+@functools.lru_cache(maxsize=None)
+def _temp_defaults(name, length, causal):
+  return attention_memory(name, length, causal=causal)["temp"]

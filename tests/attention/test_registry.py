@@ -89,3 +89,15 @@ def test_per_head_dilation_must_match_heads():
   q, k, v = qkv()
   with pytest.raises(ValueError, match="3 heads"):
     ea.dilated_attention(q, k, v, dilation=(1, 2))
+
+
+def test_derived_defaults_are_explained():
+  """Every option whose default is None (chosen from the input or other options) says
+  how in ``options(name)``, and the printed options show it."""
+  for name in ea.names():
+    opts = ea.options(name)
+    derived = {k for k, v in opts.items() if v is None} - {"conv_kernel_size"}  # None = off
+    assert derived == set(opts.notes), name
+    for option in derived:
+      assert opts.notes[option] in repr(opts)
+  assert "ceil(length / window)" in ea.options("routing").notes["num_clusters"]
