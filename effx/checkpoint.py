@@ -67,6 +67,17 @@ class Checkpoints:
     self._set_aside(damaged)
     return None
 
+  def restore_step(self, abstract_state, step: int) -> tuple[Any, dict, dict, int]:
+    """Checkpoint ``step``: ``(state, data_state, meta, step)``; a missing step names the
+    ones there are."""
+    if step not in self.manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; steps: "
+                              f"{', '.join(map(str, sorted(self.manager.all_steps()))) or 'none'}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return restored.state, restored.data, restored.meta, step
+
   def _set_aside(self, steps) -> None:
     if not steps:
       return

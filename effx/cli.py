@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import logging
 import os
 from typing import Sequence
 
+from absl import logging as absl_logging
 import ml_collections
 
 OPEN_MAPPINGS = ("model.attention_kwargs",)
@@ -79,3 +81,16 @@ def apply_overrides(config: ml_collections.ConfigDict,
     except TypeError as error:
       raise TypeError(f"--config.{key}={text}: wrong type ({error})") from None
   return config
+
+
+class _QuietLibraries(logging.Filter):
+  """Keeps the libraries' info chatter (orbax logs every save) out of the run's log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/grain/"))
+    return record.levelno >= logging.WARNING or not noisy
+
+
+def quiet_libraries() -> None:
+  """Filters library INFO lines out of the absl log of an entry point."""
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())

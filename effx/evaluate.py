@@ -1,8 +1,10 @@
-"""Evaluate the newest checkpoint of a training run.
+"""Evaluate a checkpoint of a training run.
 
-  python -m effx.evaluate --workdir=/tmp/listops [--split=test]
+  python -m effx.evaluate --workdir=/tmp/listops [--split=test] [--checkpoint=latest]
 
-Prints the accuracy and writes ``workdir/eval_<split>_<step>.json``.
+``--checkpoint``: ``latest`` (default: the newest checkpoint that restores), ``best``
+(the best-on-validation parameters) or a step number. Prints the accuracy with the
+checkpoint it used and writes ``workdir/eval_<split>_<checkpoint>_<step>.json``.
 """
 
 from __future__ import annotations
@@ -15,48 +17,69 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "an effx.train workdir", required=True)
 flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "split to evaluate")
-flags.DEFINE_bool("best", False, "evaluate the best-on-validation checkpoint instead")
+flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number")
 
 
-def evaluate_workdir(workdir: str, split: str = "test", best: bool = False) -> dict:
-  """Accuracy and loss of ``workdir``'s newest (or best) checkpoint on ``split``."""
+def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = "latest"
+                     ) -> dict:
+  """Accuracy and loss of one of ``workdir``'s checkpoints on ``split``.
+
+  Args:
+    workdir: an ``effx.train`` workdir.
+    split: ``"train"``, ``"validation"`` or ``"test"``.
+    checkpoint: ``"latest"``, ``"best"`` or a step (int or digits).
+
+  Returns:
+    ``{"checkpoint", "step", "split", "accuracy", "loss", ...}``, also written to
+    ``workdir/eval_<split>_<checkpoint>_<step>.json``.
+  """
   from effx import checkpoint as ckpt  # noqa: PLC0415
   from effx import trainer  # noqa: PLC0415
 
+  checkpoint = str(checkpoint)
+  if checkpoint not in ("latest", "best") and not checkpoint.isdigit():
+    raise ValueError(f"--checkpoint={checkpoint!r}: use 'latest', 'best' or a step number")
   config = trainer.load_workdir_config(workdir)
   run = trainer.Run(config)
   checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
-  if best:
-    step = checkpoints.best.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no best checkpoint in {workdir}/best")
-    target = {"params": run.abstract_state.params,
-              "model_state": run.abstract_state.model_state}
-    restored = checkpoints.restore_best(target, step)
-    params, model_state = restored["params"], restored["model_state"]
-  else:
-    restored = checkpoints.restore_latest(run.abstract_state)
-    if restored is None:
-      raise FileNotFoundError(f"no checkpoint that restores in {checkpoints.directory}")
-    state, _, _, step = restored
-    params, model_state = state.params, state.model_state
-  checkpoints.close()
-  result = {"step": step, "split": split, "best": best,
+  try:
+    if checkpoint == "best":
+      step = checkpoints.best.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no best checkpoint in {workdir}/best")
+      target = {"params": run.abstract_state.params,
+                "model_state": run.abstract_state.model_state}
+      restored = checkpoints.restore_best(target, step)
+      params, model_state = restored["params"], restored["model_state"]
+    else:
+      if checkpoint == "latest":
+        restored = checkpoints.restore_latest(run.abstract_state)
+      else:
+        restored = checkpoints.restore_step(run.abstract_state, int(checkpoint))
+      if restored is None:
+        raise FileNotFoundError(f"no checkpoint that restores in {checkpoints.directory}")
+      state, _, _, step = restored
+      params, model_state = state.params, state.model_state
+  finally:
+    checkpoints.close()
+  name = checkpoint if checkpoint in ("latest", "best") else "step"
+  result = {"checkpoint": name, "step": step, "split": split,
             **run.evaluate(params, model_state, split, whole=True)}
-  with open(os.path.join(workdir, f"eval_{split}_{step}.json"), "w", encoding="utf-8") as f:
+  path = os.path.join(workdir, f"eval_{split}_{name}_{step}.json")
+  with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
   return result
 
 
 def main(argv):
   del argv
-  from effx.train import quiet_libraries  # noqa: PLC0415
+  from effx import cli  # noqa: PLC0415
 
-  quiet_libraries()
-  result = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.best)
+  cli.quiet_libraries()
+  result = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
   logging.info("%s", result)
-  print(f"step {result['step']} {result['split']}: accuracy {result['accuracy']:.4f}, "
-        f"loss {result['loss']:.4f}")
+  print(f"{result['checkpoint']} checkpoint (step {result['step']}), {result['split']}: "
+        f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Multi-host: pass ``--coordinator_address``, ``--num_processes`` and ``--process_
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -31,18 +30,6 @@ flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 _OVERRIDES: list[tuple[str, str]] = []
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps the libraries' info chatter (orbax logs every save) out of the run's log."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/grain/"))
-    return record.levelno >= std_logging.WARNING or not noisy
-
-
-def quiet_libraries() -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-
-
 def initialize_distributed() -> None:
   import jax  # noqa: PLC0415
 
@@ -54,7 +41,7 @@ def initialize_distributed() -> None:
 
 def main(argv):
   del argv
-  quiet_libraries()
+  cli.quiet_libraries()
   initialize_distributed()
   import effx  # noqa: PLC0415 (after jax.distributed, which must come before jax use)
 

@@ -19,6 +19,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import time
 from typing import Any
 
@@ -127,14 +128,31 @@ def peak_memory_bytes() -> int:
 
 
 class _Stop:
-  """Set by SIGTERM (preemption): the loop checkpoints and returns."""
+  """Set by SIGTERM (preemption) or SIGINT (Ctrl-C): the loop checkpoints the current
+  step and returns. A second signal exits at once: orbax commits a checkpoint by renaming
+  its finished folder, so a save cut short leaves the previous checkpoint the newest."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
+    self.requested: str | None = None
+    self._previous = {}
 
   def __call__(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested:
+      sys.stderr.write(f"{signal.Signals(signum).name} again: exiting now, without "
+                       "checkpointing the current step\n")
+      sys.stderr.flush()
+      os._exit(128 + signum)
+    self.requested = signal.Signals(signum).name
+
+  def install(self) -> None:
+    self._previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+
+  def uninstall(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 class Run:
@@ -262,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = pipeline.train_dataset(run.task.splits["train"], config.batch_size, config.seed)
   iterator = pipeline.train_iterator(dataset, data_state, threads=config.data_threads)
   stop = _Stop()
-  previous_handler = signal.signal(signal.SIGTERM, stop)
+  stop.install()
   progress = metrics.Progress(start, config.num_train_steps, config.batch_size)
   pending: list[dict[str, jax.Array]] = []
   last_good, step = start, start
@@ -310,19 +328,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           meta = {"best_accuracy": result["accuracy"], "best_step": step}
           checkpoints.save_best(step, {"params": state.params, "model_state": state.model_state})
       if save or stop.requested:
-        if pending:  # SIGTERM arrived during this step's evaluation
+        if pending:  # the signal arrived during this step's evaluation
           last_train = drain()
         checkpoints.save(step, state, iterator.get_state(),
                          {**meta, "train_loss": last_train.get("loss", float("nan"))})
         last_good = step
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
+    stop.uninstall()
     progress.close()
     checkpoints.wait()
 
   if stop.requested and step < config.num_train_steps:
-    logging.warning("SIGTERM: checkpointed step %d in %s; rerun the same command to resume",
-                    step, checkpoints.directory)
+    logging.warning("%s: checkpointed step %d in %s; rerun the same command to resume",
+                    stop.requested, step, checkpoints.directory)
     checkpoints.close()
     writer.close()
     return {"step": step, "interrupted": True}

@@ -138,19 +138,49 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert results["step"] == 10 and results["devices"].startswith("4 x")
 
 
-def test_sigterm_checkpoints_and_the_rerun_finishes(tmp_path):
-  args = ["--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
-  process = _train(tmp_path, *args, "--config.num_train_steps=100000")
-  jsonl = tmp_path / "metrics.jsonl"
+def _wait_for_training(workdir):
+  jsonl = workdir / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and not (jsonl.exists() and len(jsonl.read_text()) > 0):
     time.sleep(0.05)
-  process.send_signal(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_the_rerun_finishes(tmp_path, sig):
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) checkpoint the current step and exit with
+  one line saying how to resume; the rerun resumes from that step."""
+  args = ["--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
+  process = _train(tmp_path, *args, "--config.num_train_steps=100000")
+  _wait_for_training(tmp_path)
+  process.send_signal(sig)
   out = _finish(process)
-  assert "SIGTERM: checkpointed step" in out
+  assert f"{sig.name}: checkpointed step" in out and "rerun the same command" in out
+  assert "Traceback" not in out
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(saved) == 1 and 0 < saved[0] < 100000
   assert not (tmp_path / "results.json").exists()
   out = _finish(_train(tmp_path, *args, f"--config.num_train_steps={saved[0] + 5}"))
   assert f"resumed from {tmp_path / 'checkpoints'} at step {saved[0]}" in out
   assert json.loads((tmp_path / "results.json").read_text())["step"] == saved[0] + 5
+
+
+def test_second_ctrl_c_keeps_checkpoints_readable(tmp_path):
+  """Two Ctrl-C in quick succession: the process exits (at once, when the second lands
+  while the first is being handled) and what was committed restores: the rerun resumes
+  from it, or starts afresh, and finishes. (The exit itself: test_trainer.py.)"""
+  args = ["--config.checkpoint_every_steps=5", "--config.eval_every_steps=100000"]
+  process = _train(tmp_path, *args, "--config.num_train_steps=100000")
+  _wait_for_training(tmp_path)
+  time.sleep(2)
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  if process.poll() is None:
+    process.send_signal(signal.SIGINT)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode in (0, 128 + signal.SIGINT), out[-3000:]
+  assert "Traceback" not in out
+  saved = max([int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()],
+              default=0)
+  out = _finish(_train(tmp_path, *args, f"--config.num_train_steps={saved + 5}"))
+  assert "failed to restore" not in out
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == saved + 5

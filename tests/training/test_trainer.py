@@ -4,6 +4,9 @@ diverging runs keep what was saved."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -64,12 +67,23 @@ def test_best_checkpoint_is_tested_and_evaluate_entry_point(tmp_path):
   best = max(rows, key=lambda r: r["accuracy"])
   assert results["eval_accuracy"] == best["accuracy"]
   assert results["best_step"] == best["step"]
-  again = evaluate_workdir(str(tmp_path), "test", best=True)
+  again = evaluate_workdir(str(tmp_path), "test", checkpoint="best")
   assert again["accuracy"] == pytest.approx(results["test_accuracy"])
+  assert (again["checkpoint"], again["step"]) == ("best", results["best_step"])
   last = evaluate_workdir(str(tmp_path), "test")
-  assert last["step"] == 30
+  assert (last["checkpoint"], last["step"]) == ("latest", 30)
   assert last["accuracy"] == pytest.approx(results["test_accuracy_last_checkpoint"])
-  assert (tmp_path / "eval_test_30.json").exists()
+  assert (tmp_path / "eval_test_latest_30.json").exists()
+  by_step = evaluate_workdir(str(tmp_path), "test", checkpoint=30)
+  assert (by_step["checkpoint"], by_step["accuracy"]) == ("step", last["accuracy"])
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 7 .* steps: .*30"):
+    evaluate_workdir(str(tmp_path), "test", checkpoint="7")
+  # The README's command, as a user runs it.
+  done = subprocess.run([sys.executable, "-m", "effx.evaluate", f"--workdir={tmp_path}",
+                         "--split=test"], capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.startswith("latest checkpoint (step 30), test: accuracy"), done.stdout
 
 
 def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
@@ -201,3 +215,16 @@ def test_metrics_survive_a_line_torn_by_a_kill(tmp_path):
   writer.write(2, "train", {"loss": 1.5})
   writer.close()
   assert [(r["step"], r["loss"]) for r in metrics.read(str(tmp_path))] == [(1, 2.0), (2, 1.5)]
+
+
+def test_a_second_signal_exits_at_once(monkeypatch, capsys):
+  """The first SIGINT asks the loop to checkpoint and return; a second exits the process
+  at once (status 130) with one line, whatever the loop is doing."""
+  exits = []
+  monkeypatch.setattr(trainer.os, "_exit", exits.append)
+  stop = trainer._Stop()
+  stop(signal.SIGINT, None)
+  assert stop.requested == "SIGINT" and not exits
+  stop(signal.SIGINT, None)
+  assert exits == [130]
+  assert "SIGINT again: exiting now" in capsys.readouterr().err
