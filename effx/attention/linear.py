@@ -31,8 +31,8 @@ def feature_attention(phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, *,
   per-key log scale lets a feature map keep each key's features in ``[0, 1]`` and carry
   its magnitude separately (FAVOR+ at large scales): it is applied relative to a running
   maximum over the keys each query sees (the keys up to it when ``causal``), so no
-  ``exp`` overflows, nothing underflows to an all-zero row, and no later key shifts an
-  earlier output.
+  ``exp`` overflows, the key with the largest scale keeps weight 1, and no later key
+  shifts an earlier output.
 
   Args:
     phi_q, phi_k: ``[batch, length, heads, features]`` feature maps of queries and keys.

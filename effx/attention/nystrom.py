@@ -25,9 +25,10 @@ values along the sequence, one kernel per head shared by the head's channels, no
 (their LRA configurations use 35).
 
 Against Hugging Face's ``NystromformerSelfAttention`` (same landmarks and iterations,
-length a multiple of ``m``, no padding) the function is the same, with ``Z0`` scaled per
-example and head (HF's ``init_option="exact"``; its default ``"original"`` uses one scale
-for the whole batch). With padding, HF averages padded tokens into the landmarks and
+length a multiple of ``m`` and larger than it, no padding) the function is the same,
+with ``Z0`` scaled per example and head (HF's ``init_option="exact"``; its default
+``"original"`` uses one scale for the whole batch). At length == ``m`` HF switches to
+exact softmax; effx keeps the approximation (exact up to the pseudo-inverse iteration). With padding, HF averages padded tokens into the landmarks and
 convolves padded values; effx does neither.
 """
 

@@ -4,10 +4,14 @@ Routing Transformers").
 Queries and keys are unit-normalised and routed to ``num_clusters`` shared centroids.
 For balanced clusters each centroid takes its ``window`` nearest queries and its
 ``window`` nearest keys (top-k, as in the paper); a cluster's queries attend to that
-cluster's keys. Cost O(num_clusters * window^2) per head: with the defaults, a fixed
-window of 128 and ``ceil(length / window)`` clusters (fixed when the module is
-initialised, from the length it is initialised with), that is linear in the length and
-every token can be routed. The paper's choice of about sqrt(length) clusters of
+cluster's keys. The attention costs O(num_clusters * window^2) per head: with the
+defaults, a fixed window of 128 and ``ceil(length / window)`` clusters (fixed when the
+module is initialised, from the length it is initialised with), that is linear in the
+length and every token can be routed. Counting the clusters a query and a key share
+(for the exact softmax over the union) uses a ``[clusters, window, clusters]``
+membership table per head, O(length^2 / window): forward + backward memory of the
+default module grows 2.0x per doubling from 4K to 8K and 2.2x to 16K, but approaches 4x
+beyond 32K. The paper's choice of about sqrt(length) clusters of
 sqrt(length) tokens (O(length^1.5)) is ``num_clusters=w, window=w`` with ``w ~ sqrt(n)``.
 Padded tokens rank after every real one in each top-k, so trailing padding changes no
 real output. A query picked by several clusters gets the exact softmax over the union
@@ -169,8 +173,9 @@ class RoutingAttention(Family):
       ``ceil(length / window)`` for the length the module is initialised with (the
       trainer initialises with the task's length), so that every token can be routed.
       The centroids' shape fixes it afterwards.
-    window: queries and keys per cluster (default 128). Cost per head is
-      ``num_clusters * window^2``.
+    window: queries and keys per cluster (default 128). The attention costs
+      ``num_clusters * window^2`` per head (see the module docstring for the shared-
+      cluster count).
     ema_decay: centroid moving-average decay (default 0.999).
   """
 

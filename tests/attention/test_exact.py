@@ -265,3 +265,33 @@ def test_dense_cudnn_equals_xla(causal):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.abs(got - want).max() <= 2e-2 * max(np.abs(want).max(), 1.0)
   np.testing.assert_array_equal(np.asarray(run("auto")[0], np.float32), np.asarray(out, np.float32))
+
+
+@pytest.mark.parametrize("blocks,num_global,num_random", [(16, 2, 3), (9, 1, 2), (6, 3, 5),
+                                                          (12, 0, 0)])
+def test_bigbird_pattern_follows_the_papers_rules(blocks, num_global, num_random):
+  """Checked on the allow-matrix, independently of how the plan is drawn: whole blocks;
+  the first ceil(g/2) and last floor(g/2) blocks global (full rows and columns); every
+  other row sees its window and exactly min(r, candidates) other blocks; over 64 heads
+  the random blocks cover the candidates about uniformly."""
+  bs, heads = 3, 64
+  module = ea.make("bigbird", block_size=bs, num_random_blocks=num_random,
+                   num_global_blocks=num_global)
+  allowed = np.asarray(module.allow_matrix(blocks * bs, heads))
+  grid = allowed[:, ::bs, ::bs]
+  np.testing.assert_array_equal(allowed, grid.repeat(bs, 1).repeat(bs, 2))
+  front = -(-num_global // 2)
+  glob = sorted(set(range(front)) | set(range(blocks - (num_global - front), blocks)))
+  picks = np.zeros(blocks)
+  for h in range(heads):
+    assert grid[h][glob].all() and grid[h][:, glob].all()
+    for i in sorted(set(range(blocks)) - set(glob)):
+      window = [j for j in (i - 1, i, i + 1) if 0 <= j < blocks]
+      assert grid[h, i, window].all()
+      others = sorted(set(np.flatnonzero(grid[h, i])) - set(window) - set(glob))
+      candidates = blocks - len(set(window) | set(glob))
+      assert len(others) == min(num_random, candidates), (h, i, others)
+      picks[others] += 1
+  if num_random and blocks >= 12:
+    eligible = picks[[j for j in range(blocks) if j not in glob]]
+    assert eligible.min() > 0.5 * eligible.mean()
