@@ -47,9 +47,11 @@ class Checkpoints:
   def restore_latest(self, abstract_state) -> tuple[Any, dict, dict, int] | None:
     """Newest checkpoint that restores: ``(state, data_state, meta, step)``, or None.
 
-    A checkpoint that fails (half-deleted, corrupted) is reported, the next older one
-    tried, and the damaged folder renamed ``<step>.damaged`` (kept for inspection, out
-    of the way of the resumed run's saves).
+    A checkpoint that cannot be read (half-deleted, corrupted) is reported, the next
+    older one tried, and the damaged folder renamed ``<step>.damaged`` (kept for
+    inspection, out of the way of the resumed run's saves). A readable checkpoint of a
+    different model (other parameter names or shapes) is not damaged: it raises
+    ``StructureMismatchError`` naming the differences, and nothing is moved.
     """
     damaged = []
     for step in sorted(self.manager.all_steps(), reverse=True):
@@ -58,6 +60,14 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
       except Exception as error:  # orbax raises many types for a damaged step
+        mismatch = self._mismatch(step, abstract_state)
+        if mismatch:
+          self._set_aside(damaged)
+          raise StructureMismatchError(
+              f"checkpoint {self.directory}/{step} holds a different model than this "
+              f"config builds:\n" + "\n".join(f"  {line}" for line in mismatch) +
+              "\nUse another --workdir (or --config.init_checkpoint to start from the "
+              "parameters the two models share)") from None
         logging.error("checkpoint %s/%d failed to restore (%s: %s); trying an older one",
                       self.directory, step, type(error).__name__, str(error)[:500])
         damaged.append(step)
@@ -66,6 +76,28 @@ class Checkpoints:
       return restored.state, restored.data, restored.meta, step
     self._set_aside(damaged)
     return None
+
+  def _mismatch(self, step: int, abstract_state) -> list[str]:
+    """Differences between the arrays stored at ``step`` and ``abstract_state``'s (names
+    and shapes; at most 8 lines), or ``[]`` when they agree or the metadata itself is
+    unreadable (then the checkpoint is damaged)."""
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        stored = reader.metadata(os.path.join(self.directory, str(step), "state"))
+      stored = _shapes(getattr(stored.item_metadata, "tree", stored.item_metadata))
+    except Exception:  # noqa: BLE001 (unreadable metadata: a damaged checkpoint)
+      return []
+    if not stored:
+      return []
+    wanted = _shapes(abstract_state)
+    order = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))  # noqa: E731
+    lines = [f"{k}: stored {stored[k]}, model {wanted[k]}"
+             for k in order(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+    lines += [f"{k}: in the checkpoint, not in the model"
+              for k in order(set(stored) - set(wanted))]
+    lines += [f"{k}: in the model, not in the checkpoint"
+              for k in order(set(wanted) - set(stored))]
+    return lines[:8] + ([f"... and {len(lines) - 8} more"] if len(lines) > 8 else [])
 
   def restore_step(self, abstract_state, step: int) -> tuple[Any, dict, dict, int]:
     """Checkpoint ``step``: ``(state, data_state, meta, step)``; a missing step names the
@@ -112,6 +144,23 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
     self.best.close()
+
+
+class StructureMismatchError(ValueError):
+  """A readable checkpoint whose arrays do not match the model's."""
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """``{"params/encoder/.../kernel": shape}`` for every array leaf of ``tree`` (a state,
+  abstract state or orbax metadata tree)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+      continue
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    out["/".join(names)] = tuple(shape)
+  return out
 
 
 def restore_params(directory: str, abstract_params):

@@ -10,10 +10,12 @@ the one mapping whose keys are open, and the attention family validates them.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import logging
 import os
-from typing import Sequence
+import sys
+from typing import Callable, Sequence
 
 from absl import logging as absl_logging
 import ml_collections
@@ -94,3 +96,33 @@ class _QuietLibraries(logging.Filter):
 def quiet_libraries() -> None:
   """Filters library INFO lines out of the absl log of an entry point."""
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+# What a user can cause and fix: a bad config or flag, a missing or unwritable path, a
+# workdir holding another run, a diverged run. Anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError, FloatingPointError)
+TRACEBACK_ENV = "EFFX_TRACEBACK"
+
+
+def user_errors_in_one_line(main: Callable[..., None]) -> Callable[..., None]:
+  """Wraps an entry point: a user error prints ``error: <message>`` to stderr and exits
+  with status 1, without a traceback unless ``EFFX_TRACEBACK=1``; Ctrl-C before the run
+  could checkpoint exits with status 130 and one line."""
+
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except USER_ERRORS as error:
+      if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        raise
+      message = str(error) if not isinstance(error, KeyError) else repr(error.args[0])
+      sys.stderr.write(f"error: {message}\n"
+                       f"({TRACEBACK_ENV}=1 shows the traceback)\n")
+      sys.exit(1)
+    except KeyboardInterrupt:
+      sys.stderr.write("interrupted before the first checkpoint could be written\n")
+      sys.exit(130)
+
+  return wrapped

@@ -75,6 +75,12 @@ def main(argv):
   del argv
   from effx import cli  # noqa: PLC0415
 
+  cli.user_errors_in_one_line(_main)()
+
+
+def _main():
+  from effx import cli  # noqa: PLC0415
+
   cli.quiet_libraries()
   result = evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
   logging.info("%s", result)

@@ -1,31 +1,50 @@
 """Where a run reports: JSON lines, TensorBoard events, and a progress bar or log lines.
 
 Only process 0 writes files. ``workdir/metrics.jsonl`` gets one object per report
-(``{"step": ..., "split": "train" | "validation" | "test", ...}``); a resumed run may
-repeat steps after its checkpoint (readers keep the last row per step and split).
+(``{"step": ..., "split": "train" | "validation" | "test", ...}``). A run resumed from
+step ``s`` first drops the rows past ``s`` (the killed session's steps, redone now) and
+the final test rows (redone at the end), and rebuilds ``workdir/tensorboard`` from the
+rows kept as one event file: each (split, step) appears once in both.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 
 import jax
 
 
 class Writer:
-  def __init__(self, workdir: str):
+  """Appends reports to ``metrics.jsonl`` and TensorBoard.
+
+  ``resume_step``: the step the run resumes from (0 for a new run); rows past it and
+  test rows are dropped first, and TensorBoard is rebuilt from the rows kept.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
     self._enabled = jax.process_index() == 0
     self._jsonl = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self._enabled:
-      _end_torn_line(self._jsonl)
+      kept = _truncate(self._jsonl, resume_step)
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      tb_dir = os.path.join(workdir, "tensorboard")
+      old_events = glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))
+      self._tb = SummaryWriter(tb_dir)
+      for row in kept:
+        for name, value in row.items():
+          if name not in ("step", "split"):
+            self._tb.add_scalar(f"{row['split']}/{name}", value, row["step"])
+      self._tb.flush()
+      for path in old_events:  # their rows are in the new file (or were dropped above)
+        os.remove(path)
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     if not self._enabled:
@@ -42,31 +61,37 @@ class Writer:
       self._tb.close()
 
 
-def _end_torn_line(path: str) -> None:
-  """A run killed mid-write leaves a partial last line; end it so the resumed run's rows
-  start on lines of their own (``read`` skips the torn one)."""
-  if not os.path.exists(path) or os.path.getsize(path) == 0:
-    return
-  with open(path, "rb+") as f:
-    f.seek(-1, os.SEEK_END)
-    if f.read(1) != b"\n":
-      f.write(b"\n")
+def _rows(path: str) -> list[dict]:
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+        logging.warning("skipping a torn line in metrics.jsonl: %r", line[:80])
+  return rows
+
+
+def _truncate(path: str, step: int) -> list[dict]:
+  """Rewrites ``path`` (atomically) without rows past ``step``, test rows and torn
+  lines; returns the rows kept."""
+  if not os.path.exists(path):
+    return []
+  rows = [r for r in _rows(path) if r["step"] <= step and r["split"] != "test"]
+  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp",
+                                   delete=False, encoding="utf-8") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  os.chmod(f.name, 0o644)
+  os.replace(f.name, path)
+  return rows
 
 
 def read(workdir: str) -> list[dict]:
-  """The rows of ``metrics.jsonl``, last row per (step, split) kept, in step order.
-
-  A line torn by a killed run is skipped (its step is reported again after the resume).
-  """
-  rows: dict[tuple[int, str], dict] = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        logging.warning("skipping a torn line in metrics.jsonl: %r", line[:80])
-        continue
-      rows[(row["step"], row["split"])] = row
+  """The rows of ``metrics.jsonl`` in (step, split) order; a line torn by a killed run
+  is skipped (its step is reported again after the resume), and should a row repeat,
+  the last one counts."""
+  rows = {(row["step"], row["split"]): row
+          for row in _rows(os.path.join(workdir, "metrics.jsonl"))}
   return [rows[k] for k in sorted(rows)]
 
 

@@ -3,7 +3,10 @@
   python -m effx.train --config=configs/lra_listops.py:small --workdir=/tmp/listops \\
       [--config.model.attention=performer --config.model.attention_kwargs.num_features=128]
 
-Rerunning the same command resumes from the newest checkpoint in ``--workdir``.
+Rerunning the same command resumes from the newest checkpoint in ``--workdir`` (a
+workdir holds one run: a config that would change its results is refused). Ctrl-C or
+SIGTERM checkpoints the current step and exits. User errors print one line
+(``EFFX_TRACEBACK=1`` shows the traceback).
 Multi-host: pass ``--coordinator_address``, ``--num_processes`` and ``--process_id``
 (or nothing on a TPU pod, where ``jax.distributed`` finds them itself with
 ``--distributed``).
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from effx import cli
 
@@ -39,6 +42,7 @@ def initialize_distributed() -> None:
                                process_id=FLAGS.process_id)
 
 
+@cli.user_errors_in_one_line
 def main(argv):
   del argv
   cli.quiet_libraries()
@@ -46,13 +50,14 @@ def main(argv):
   import effx  # noqa: PLC0415 (after jax.distributed, which must come before jax use)
 
   config = cli.apply_overrides(cli.load_config(FLAGS.config), _OVERRIDES)
-  logging.info("config:\n%s", config)
+  # The config is logged (and written to the workdir) once it is valid and the run starts.
   effx.train_and_evaluate(config, FLAGS.workdir)
 
 
 def run(argv=None) -> None:
   """Entry point: config overrides are parsed by effx (errors name the key)."""
-  rest, overrides = cli.split_overrides(sys.argv if argv is None else argv)
+  rest, overrides = cli.user_errors_in_one_line(cli.split_overrides)(
+      sys.argv if argv is None else argv)
   _OVERRIDES[:] = overrides
   app.run(main, argv=rest)
 

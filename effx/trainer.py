@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ import numpy as np
 from effx import checkpoint as ckpt
 from effx import data as data_lib
 from effx import defaults, metrics, models, optim, sharding, steps
+from effx import workdir as workdir_lib
 from effx.data import pipeline
 
 # Model keys the task decides; a config may repeat them only with the task's value.
@@ -107,15 +109,18 @@ def _model_dict(config, task: data_lib.TaskData | None = None) -> dict[str, Any]
 
 
 def _check_workdir(workdir: str) -> str:
+  """The absolute workdir; a path that is a file, or that cannot be created, raises
+  before anything is written."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as error:
-    raise PermissionError(f"workdir {workdir!r} is not writable: {error}") from None
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"workdir {workdir} is a file, not a folder; pass a folder "
+                             "(new or holding an effx.train run)")
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    kind = "a file" if not os.path.isdir(existing) else "not writable"
+    raise PermissionError(f"workdir {workdir} cannot be created: {existing} is {kind}")
   return workdir
 
 
@@ -255,27 +260,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ``workdir/results.json``) the results."""
   start_time = time.perf_counter()
   workdir = _check_workdir(workdir)
-  run = Run(config)
-  _save_config(config, workdir)
-  checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
-  writer = metrics.Writer(workdir)
-  logging.info("model: %s, %d parameters; mesh %s; %d devices", config.model.attention,
-               sum(x.size for x in jax.tree.leaves(run.abstract_state.params)),
-               dict(run.mesh.shape), jax.device_count())
-
-  restored = checkpoints.restore_latest(run.abstract_state)
+  run = Run(config)  # validates the config and loads the data; writes nothing
+  config_values = json.loads(config.to_json_best_effort())
+  changes = workdir_lib.check_resume(workdir, config_values)
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
+    restored = checkpoints.restore_latest(run.abstract_state)
+  except BaseException:
+    # A failed start leaves no half-made workdir behind (only one it created itself).
+    if created and jax.process_index() == 0:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
   meta = {"best_accuracy": -1.0, "best_step": -1}
   if restored is not None:
     state, data_state, meta, start = restored
     last_train = {"loss": meta.pop("train_loss", float("nan"))}
     checkpoints.drop_best_after(start)
     logging.info("resumed from %s at step %d", checkpoints.directory, start)
+    for key, (old, new) in changes.items():
+      logging.info("config.%s changed from %r to %r (recorded in sessions.json)", key, old,
+                   new)
   else:
     state, data_state, start, last_train = run.init_state(), None, 0, {}
     if config.init_checkpoint:
       params = ckpt.restore_params(config.init_checkpoint, run.abstract_state.params)
       state = state.replace(params=params)
       logging.info("initialised parameters from %s", config.init_checkpoint)
+  _save_config(config, workdir)
+  logging.info("config:\n%s", config)
+  logging.info("model: %s, %d parameters; mesh %s; %d devices", config.model.attention,
+               sum(x.size for x in jax.tree.leaves(run.abstract_state.params)),
+               dict(run.mesh.shape), jax.device_count())
+  writer = metrics.Writer(workdir, resume_step=start)
+  sessions = workdir_lib.Sessions(workdir, start, changes, started_at=start_time,
+                                  enabled=jax.process_index() == 0)
+  sessions.update(start)
 
   dataset = pipeline.train_dataset(run.task.splits["train"], config.batch_size, config.seed)
   iterator = pipeline.train_iterator(dataset, data_state, threads=config.data_threads)
@@ -333,6 +354,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoints.save(step, state, iterator.get_state(),
                          {**meta, "train_loss": last_train.get("loss", float("nan"))})
         last_good = step
+        sessions.update(step)
+  except BaseException:
+    sessions.update(last_good, "failed")
+    raise
   finally:
     stop.uninstall()
     progress.close()
@@ -341,6 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if stop.requested and step < config.num_train_steps:
     logging.warning("%s: checkpointed step %d in %s; rerun the same command to resume",
                     stop.requested, step, checkpoints.directory)
+    sessions.update(step, "interrupted")
     checkpoints.close()
     writer.close()
     return {"step": step, "interrupted": True}
@@ -352,6 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test_last = run.evaluate(state.params, state.model_state, "test", whole=True)
   writer.write(step, "test", {"accuracy": test_best["accuracy"],
                               "accuracy_last": test_last["accuracy"]})
+  sessions.update(step, "finished")
   results = {
       "step": step,
       "final_train_loss": last_train.get("loss", float("nan")),
@@ -359,15 +386,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "best_step": meta["best_step"],
       "test_accuracy": test_best["accuracy"],
       "test_accuracy_last_checkpoint": test_last["accuracy"],
-      "wall_time_s": time.perf_counter() - start_time,
+      # Every session's, data loading and compiling included; per session below.
+      "wall_time_s": round(sum(s["wall_time_s"] for s in sessions.all()), 3),
       "peak_memory_bytes": peak_memory_bytes(),
       "num_parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-      "config": json.loads(config.to_json_best_effort()),
+      "config": config_values,
   }
+  results["sessions"] = sessions.all()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2)
+    workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
   logging.info("done: validation %.4f (step %d), test %.4f (last checkpoint %.4f)",
                results["eval_accuracy"], results["best_step"], results["test_accuracy"],
                results["test_accuracy_last_checkpoint"])

@@ -81,6 +81,12 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
   rows = [[{k: v for k, v in r.items() if k not in timing} for r in metrics.read(tmp_path / w)]
           for w in ("straight", "killed")]
   assert rows[0] == rows[1]  # every logged loss and accuracy, bit for bit
+  # ... each (split, step) once in the file itself, and the killed session's time counted.
+  lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+  assert len(lines) == len({(r["split"], r["step"]) for r in lines}) == len(rows[1])
+  sessions = json.loads((tmp_path / "killed" / "sessions.json").read_text())
+  assert [s["status"] for s in sessions] == ["killed", "finished"]
+  assert rb["wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in sessions))
 
 
 def jax_leaves(tree):

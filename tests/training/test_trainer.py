@@ -9,14 +9,17 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from effx import checkpoint as ckpt
 from effx import cli, metrics, trainer
+from effx import workdir as workdir_lib
 from effx.evaluate import evaluate_workdir
-from conftest import tiny_config
+from conftest import CONFIGS, tiny_config
 
 
 def _train_losses(workdir):
@@ -102,23 +105,30 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(tmp_path):
 
 
 @pytest.mark.parametrize("log_every", [1, 100])
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, log_every):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                              log_every):
   """Also when the NaN arrives between log steps: the loop checks the training loss, the
   updated parameters' norm and the validation loss before it saves a best or a regular
-  checkpoint."""
-  trainer.train_and_evaluate(tiny_config("lra_listops", num_train_steps=10), str(tmp_path))
-  best = sorted((tmp_path / "best").iterdir())
-  config = tiny_config("lra_listops", learning_rate=1e12, checkpoint_every_steps=1,
-                       eval_every_steps=1, log_every_steps=log_every)
+  checkpoint. The learning rate jumps to 1e12 after 10 good steps."""
+  real = trainer.optim.schedule
+
+  def exploding(config):
+    good = real(config)
+    return lambda count: jnp.where(count < 10, good(count), 1e12)
+
+  monkeypatch.setattr(trainer.optim, "schedule", exploding)
+  config = tiny_config("lra_listops", checkpoint_every_steps=1, eval_every_steps=1,
+                       log_every_steps=log_every)
   diverged = r"(loss|param_norm|validation loss) is (nan|inf) at step 1\d.*step 10\)"
   with pytest.raises(FloatingPointError, match=diverged):
     trainer.train_and_evaluate(config, str(tmp_path))
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 10  # no diverged state was saved over the good one
   for path in sorted((tmp_path / "best").iterdir()):
-    if path not in best:
-      params = ocp.StandardCheckpointer().restore(path / "params")
-      assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), path
+    params = ocp.StandardCheckpointer().restore(path / "params")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params)), path
+  sessions = json.loads((tmp_path / "sessions.json").read_text())
+  assert [(s["step"], s["status"]) for s in sessions] == [(10, "failed")]
 
 
 @pytest.mark.parametrize("override,error,match", [
@@ -172,14 +182,123 @@ def test_unknown_top_level_key():
     trainer.check_config(config)
 
 
-def test_unwritable_workdir_and_missing_dataset(tmp_path):
+def test_bad_workdir_and_missing_dataset_leave_nothing_behind(tmp_path, monkeypatch):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(PermissionError, match="not writable"):
+  with pytest.raises(NotADirectoryError, match=f"workdir {blocker} is a file"):
+    trainer.train_and_evaluate(tiny_config("lra_listops"), str(blocker))
+  with pytest.raises(PermissionError, match=f"cannot be created: {blocker} is a file"):
     trainer.train_and_evaluate(tiny_config("lra_listops"), str(blocker / "run"))
   with pytest.raises(FileNotFoundError, match="download_and_prepare"):
     trainer.train_and_evaluate(tiny_config("lra_text", **{"data.dir": str(tmp_path)}),
                                str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  # A start that fails after the workdir was made removes the workdir it made.
+  def fail(*args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(trainer.ckpt.Checkpoints, "restore_latest", fail)
+  with pytest.raises(OSError, match="disk full"):
+    trainer.train_and_evaluate(tiny_config("lra_listops"), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  with pytest.raises(OSError, match="disk full"):  # but never a folder that was there
+    trainer.train_and_evaluate(tiny_config("lra_listops"), str(tmp_path / "mine"))
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def _listing(path):
+  return sorted(str(p.relative_to(path)) for p in path.rglob("*") if "tensorboard" not in p.parts)
+
+
+def test_a_workdir_holds_one_run(tmp_path):
+  """A config that would change the results is refused, naming every differing key and
+  touching nothing; harmless changes resume and are recorded per session."""
+  config = tiny_config("lra_listops", num_train_steps=10, checkpoint_every_steps=10)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  before = {p: (tmp_path / p).read_bytes() for p in _listing(tmp_path)
+            if (tmp_path / p).is_file()}
+  local = tiny_config("lra_listops", num_train_steps=10, checkpoint_every_steps=10,
+                      **{"model.attention": "local", "learning_rate": 0.1})
+  with pytest.raises(workdir_lib.ConfigMismatchError) as error:
+    trainer.train_and_evaluate(local, str(tmp_path))
+  message = str(error.value)
+  assert "model.attention: 'dense' (stored) -> 'local' (now)" in message
+  assert "learning_rate: 0.003 (stored) -> 0.1 (now)" in message
+  assert f"--config.init_checkpoint={tmp_path}" in message
+  other_task = tiny_config("lra_pathfinder", num_train_steps=10)
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="data.task: 'listops'"):
+    trainer.train_and_evaluate(other_task, str(tmp_path))
+  after = {p: (tmp_path / p).read_bytes() for p in _listing(tmp_path) if (tmp_path / p).is_file()}
+  assert after == before  # nothing renamed, rewritten or deleted
+
+  longer = tiny_config("lra_listops", num_train_steps=20, checkpoint_every_steps=10,
+                       eval_every_steps=5)
+  results = trainer.train_and_evaluate(longer, str(tmp_path))
+  assert results["step"] == 20
+  sessions = json.loads((tmp_path / "sessions.json").read_text())
+  assert [(s["start_step"], s["step"], s["status"]) for s in sessions] == [
+      (0, 10, "finished"), (10, 20, "finished")]
+  assert sessions[1]["config_changes"] == {
+      "eval_every_steps": {"stored": 15, "now": 5},
+      "num_train_steps": {"stored": 10, "now": 20}}
+  assert results["wall_time_s"] == pytest.approx(sum(s["wall_time_s"] for s in sessions))
+  assert results["sessions"] == sessions
+  assert json.loads((tmp_path / "config.json").read_text())["num_train_steps"] == 20
+
+
+def test_a_checkpoint_of_another_model_is_not_called_damaged(tmp_path):
+  trainer.train_and_evaluate(tiny_config("lra_listops", num_train_steps=10), str(tmp_path))
+  (tmp_path / "config.json").unlink()  # as if written by a version that kept no config
+  wider = tiny_config("lra_listops", num_train_steps=10, **{"model.emb_dim": 48,
+                                                            "model.qkv_dim": 48})
+  with pytest.raises(ckpt.StructureMismatchError,
+                     match=r"holds a different model.*\n  params/encoder/embed/cls: stored "
+                           r"\(32,\), model \(48,\)"):
+    trainer.train_and_evaluate(wider, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10"]  # not moved
+
+
+def _tensorboard_scalars(workdir):
+  """``{(tag, step): value}`` of every event file, read with the record format (length,
+  crc, Event proto, crc) written out here rather than through tensorboardX."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  files = sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  scalars = []
+  for path in files:
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      scalars += [((v.tag, event.step), v.simple_value) for v in event.summary.value]
+  return files, scalars
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  """Rows of steps a killed session ran past its last checkpoint are dropped on resume
+  and redone; metrics.jsonl and TensorBoard hold each (split, step) once."""
+  config = tiny_config("lra_listops", num_train_steps=20, checkpoint_every_steps=10,
+                       eval_every_steps=10, log_every_steps=5)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "20")  # the session died before saving step 20
+  trainer.train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  keys = [(r["split"], r["step"]) for r in rows]
+  assert sorted(keys) == sorted(set(keys))
+  assert sorted(keys) == [("test", 20), ("train", 5), ("train", 10), ("train", 15),
+                          ("train", 20), ("validation", 10), ("validation", 20)]
+  files, scalars = _tensorboard_scalars(tmp_path)
+  assert len(files) == 1
+  tags = [tag_step for tag_step, _ in scalars]
+  assert len(tags) == len(set(tags))
+  assert dict(scalars)[("train/loss", 15)] == pytest.approx(
+      next(r["loss"] for r in rows if (r["split"], r["step"]) == ("train", 15)))
+  assert {step for (tag, step) in tags if tag.startswith("validation/")} == {10, 20}
 
 
 def test_init_checkpoint_starts_from_another_runs_params(tmp_path):
@@ -211,10 +330,30 @@ def test_metrics_survive_a_line_torn_by_a_kill(tmp_path):
   writer.close()
   with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
     f.write('{"step": 2, "split": "tra')  # killed mid-write
-  writer = metrics.Writer(str(tmp_path))  # the resumed run
+  writer = metrics.Writer(str(tmp_path), resume_step=1)  # the run resumed from step 1
   writer.write(2, "train", {"loss": 1.5})
   writer.close()
   assert [(r["step"], r["loss"]) for r in metrics.read(str(tmp_path))] == [(1, 2.0), (2, 1.5)]
+
+
+def test_user_errors_print_one_line(tmp_path):
+  """From the command line a user error is one line on stderr and status 1, with no
+  traceback, no config dump and no workdir; EFFX_TRACEBACK=1 shows the traceback."""
+  base = [sys.executable, "-m", "effx.train", f"--config={CONFIGS / 'lra_listops.py'}:tiny",
+          f"--workdir={tmp_path / 'run'}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  for bad, says in [("--config.batch_sise=3", "unknown key config.batch_sise"),
+                    ("--config.model.attention=nope", "unknown attention family 'nope'")]:
+    done = subprocess.run([*base, bad], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if not line.startswith(("I", "W"))]
+    assert errors[0].startswith("error: ") and says in errors[0], done.stderr[-3000:]
+    assert errors[1:] == ["(EFFX_TRACEBACK=1 shows the traceback)"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "config:" not in done.stderr
+    assert not (tmp_path / "run").exists()
+  done = subprocess.run([*base, "--config.batch_sise=3"], capture_output=True, text=True,
+                        timeout=300, env={**env, "EFFX_TRACEBACK": "1"})
+  assert done.returncode != 0 and "Traceback" in done.stderr
 
 
 def test_a_second_signal_exits_at_once(monkeypatch, capsys):
