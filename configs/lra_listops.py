@@ -2,10 +2,14 @@
 
 Settings of the LRA repository's ``listops/configs/transformer_base.py`` (4 layers,
 emb 512, MLP 1024; the paper's appendix says 6 layers / MLP 2048), data from effx's
-generator with LRA's settings (lengths 500..2000, depth 10, 10 arguments).
+generator with LRA's settings (lengths 500..2000, depth 10, 10 arguments), or from LRA's
+release files with ``data.dir``; ``data.tokenizer=lra`` drops every ``]`` as LRA's
+published results did (see ``effx/data/listops.py``).
 
   python -m effx.train --config=configs/lra_listops.py --workdir=/tmp/listops
   python -m effx.train --config=configs/lra_listops.py:small --workdir=/tmp/listops_small
+  python -m effx.train --config=configs/lra_listops.py --workdir=/tmp/listops_lra \\
+      --config.data.dir=<lra_release>/lra_release/listops-1000 --config.data.tokenizer=lra
 """
 
 from effx import defaults

@@ -1,12 +1,30 @@
 """Pathfinder and Path-X: are the two marker dots joined by one dashed contour?
 
-Two sources of images, same batch contract (``inputs`` = pixel ``p`` as token ``p + 1``,
-``[resolution**2]``; ``targets`` 1 if connected):
+Two sources of images, one batch contract (``inputs`` = pixel ``p`` as token ``p + 1``,
+``[resolution**2]``, 0 reserved for padding; ``targets`` 1 if connected):
 
-* **Release files** (``data.dir`` set): ``<dir>/pathfinder<res>/<difficulty>/imgs/<k>/
-  sample_<n>.png`` listed by ``metadata/<k>.npy`` (text lines ``imgs/<k> sample_<n>.png
-  <...> <label> ...``), split 80/10/10 in metadata order as LRA did. Unreadable or empty
-  images (the release has one) are skipped with a warning.
+* **LRA release files** (``data.dir`` = the unpacked ``lra_release`` folder):
+  ``<dir>/pathfinder<resolution>/<difficulty>/metadata/*.npy`` are text files despite
+  the suffix, one image per line, ``imgs/<k> sample_<n>.png <index> <label> ...``
+  (label in field 3), naming ``imgs/<k>/sample_<n>.png``. The splits are LRA's, image
+  for image: LRA's TFDS builder (``lra_benchmarks/data/pathfinder.py``) puts a whole
+  difficulty in one split (``curv_baseline`` "easy", ``curv_contour_length_9``
+  "intermediate", ``curv_contour_length_14`` "hard") keyed ``<k dir>_<file>_<row>``
+  (row counted from 1 in its metadata file, whatever the file's name); TFDS stores a
+  split sorted by the md5 of split name + key, and ``image/input_pipeline.py`` takes
+  ``[:80%]`` / ``[80%:90%]`` / ``[90%:]`` of it (TFDS rounds to the nearest example),
+  then drops empty images (the release has one,
+  ``pathfinder32/curv_baseline/imgs/0/sample_172.png``). effx sorts the same way without
+  TFDS. PNGs are decoded as stored, like LRA's ``tf.image.decode_png``: they must be
+  8-bit grayscale of the requested size, or reading one raises naming the file. Path-X
+  is the 128x128 release; LRA's code defines 128 px tasks at all three difficulties
+  without pinning the paper's, and effx reads ``curv_contour_length_14`` unless
+  ``data.difficulty`` says otherwise. Where effx deliberately differs: tokens are
+  ``pixel + 1`` (LRA fed pixels 0..255 with no padding id); blank metadata lines are
+  skipped and a last line without a newline is read (LRA's builder splits on newlines
+  and drops the last piece, so it fails on a trailing blank line and loses an
+  unterminated last row); a listed image that is missing raises before training
+  instead of when the builder reads it.
 * **effx's generator** (``data.dir`` unset): each image is drawn on demand from
   ``(seed, split, index)``, so the data are deterministic, need no disk, and labels are
   exactly balanced (``index % 2``). A contour is a chain of ``contour_length`` paddles
@@ -15,6 +33,9 @@ Two sources of images, same batch contract (``inputs`` = pixel ``p`` as token ``
   one on ends of two different contours; ``num_distractors`` shorter contours add
   clutter. Drawn 4x supersampled, then box-filtered (anti-aliased). Each split is drawn
   once (in parallel for large splits) and cached under ``data.cache_dir``.
+
+Each source reads only its own keys; ``check`` rejects the other source's keys when
+they are set, so no setting is silently ignored.
 """
 
 from __future__ import annotations
@@ -27,21 +48,84 @@ import math
 import multiprocessing
 import os
 import tempfile
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData
 
-DEFAULTS = dict(resolution=32, difficulty="curv_contour_length_14", contour_length=14,
-                paddle_length=None, thickness=None, marker_radius=None, num_distractors=2,
-                num_train=160_000, num_valid=20_000, num_test=20_000, cache_dir=None)
+_log = logging.getLogger(__name__)
+
+# None: the generator's default below / in PRESETS, or for ``difficulty`` the release's
+# ``curv_contour_length_14``; None also lets ``check`` tell a key that was set.
+DEFAULTS = dict(resolution=32, difficulty=None, contour_length=None, paddle_length=None,
+                thickness=None, marker_radius=None, num_distractors=None, num_train=None,
+                num_valid=None, num_test=None, cache_dir=None)
+# Read by the generator only (cache_dir None: ~/.cache/effx).
+GENERATOR_KEYS = ("contour_length", "paddle_length", "thickness", "marker_radius",
+                  "num_distractors", "num_train", "num_valid", "num_test", "cache_dir")
+GENERATOR_DEFAULTS = dict(contour_length=14, num_distractors=2, num_train=160_000,
+                          num_valid=20_000, num_test=20_000)
 # Published settings: 32x32 paddle 2 / thickness 0.5 / markers 1.5; 128x128 thickness
 # 1.5 / markers 3 (paddle length scaled with the canvas).
 PRESETS = {32: dict(paddle_length=2.0, thickness=0.5, marker_radius=1.5),
            128: dict(paddle_length=6.0, thickness=1.5, marker_radius=3.0)}
+# Release folder -> LRA's TFDS split name, the salt of the order TFDS stores it in.
+DIFFICULTIES = {"curv_baseline": "easy", "curv_contour_length_9": "intermediate",
+                "curv_contour_length_14": "hard"}
+RELEASE_DIFFICULTY = "curv_contour_length_14"
+RELEASE_RESOLUTIONS = (32, 64, 128, 256)
+_TYPES = dict(difficulty=str, contour_length=int, paddle_length=float, thickness=float,
+              marker_radius=float, num_distractors=int, num_train=int, num_valid=int,
+              num_test=int, cache_dir=str)
 _SUPERSAMPLE = 4
 _MAX_TURN = np.pi / 3
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+
+
+def check(data: Mapping[str, Any]) -> None:
+  """Raises on a key the chosen source would not read, or a value it cannot use.
+
+  Args:
+    data: every ``config.data`` key, defaults filled in.
+  """
+  for key, kind in _TYPES.items():  # effx.data type-checks keys with non-None defaults only
+    value = data[key]
+    if value is not None and (isinstance(value, bool) or not isinstance(
+        value, (int, float) if kind is float else kind)):
+      raise TypeError(f"data.{key}={value!r} must be a {kind.__name__}")
+  n, difficulty = data["resolution"], data["difficulty"]
+  if difficulty is not None and difficulty not in DIFFICULTIES:
+    raise ValueError(f"data.difficulty={difficulty!r} is not a folder of the LRA release; "
+                     f"one of {', '.join(DIFFICULTIES)}")
+  if data["dir"]:
+    unread = [f"data.{k}={data[k]!r}" for k in GENERATOR_KEYS if data[k] is not None]
+    if unread:
+      raise ValueError(
+          f"data.dir is set, so Pathfinder reads the LRA release and not the generator "
+          f"settings {', '.join(unread)}; unset them (--config.data.<key>=None), or unset "
+          "data.dir to draw images. configs/lra_pathfinder.py and lra_pathx.py set some "
+          "of them: give those configs the release folder as their argument instead, "
+          "e.g. --config=configs/lra_pathx.py:dir=<lra_release>")
+    if n not in RELEASE_RESOLUTIONS:
+      raise ValueError(f"data.resolution={n}: the LRA release has pathfinder"
+                       f"{{{','.join(map(str, RELEASE_RESOLUTIONS))}}} only")
+    return
+  if difficulty is not None:
+    raise ValueError(f"data.difficulty={difficulty!r} picks a folder of the LRA release and "
+                     "is read only with data.dir set; the generator's difficulty is "
+                     "data.contour_length (paddles per contour: 9 and 14 in the release's "
+                     "curv_contour_length_9 and _14)")
+  if n not in PRESETS and any(data[k] is None for k in PRESETS[32]):
+    raise ValueError(f"data.resolution={n} has no published preset ({sorted(PRESETS)}); "
+                     "set data.paddle_length, data.thickness and data.marker_radius")
+
+
+def generator_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+  """The generator keys of ``data`` with each None replaced by its default."""
+  defaults = {**GENERATOR_DEFAULTS, **PRESETS.get(data["resolution"], {}), "cache_dir": None}
+  return {k: defaults[k] if data[k] is None else data[k] for k in GENERATOR_KEYS}
 
 
 class Generator:
@@ -171,7 +255,7 @@ def _cached_images(generator: Generator, seed: int, split: str, size: int,
                      .encode()).hexdigest()[:12]
   path = os.path.join(cache_dir, f"pathfinder{generator.n}_{split}_{key}.npy")
   if not os.path.exists(path):
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
     os.makedirs(cache_dir, exist_ok=True)
     chunk = 256
@@ -200,7 +284,7 @@ def _cached_images(generator: Generator, seed: int, split: str, size: int,
 
 
 class ReleaseSource:
-  """Images listed by the LRA release's metadata files."""
+  """Images of the LRA release, ``(path relative to root, label)`` each."""
 
   def __init__(self, root: str, examples: list[tuple[str, int]], resolution: int):
     self._root, self._examples, self._n = root, examples, resolution
@@ -209,64 +293,124 @@ class ReleaseSource:
     return len(self._examples)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     path, label = self._examples[index]
-    with Image.open(os.path.join(self._root, path)) as image:
-      pixels = np.asarray(image.convert("L"), np.uint8)
+    full = os.path.join(self._root, path)
+    try:
+      with Image.open(full) as image:
+        mode, size = image.mode, image.size
+        pixels = np.asarray(image, np.uint8) if mode == "L" else None
+    except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
+      raise ValueError(f"{full}: not a readable image ({error})") from None
+    if mode != "L":
+      raise ValueError(f"{full}: image mode {mode!r}; the LRA release's PNGs are 8-bit "
+                       "grayscale ('L')")
     if pixels.shape != (self._n, self._n):
-      raise ValueError(f"{path}: image is {pixels.shape}, expected {(self._n, self._n)}")
+      raise ValueError(f"{full}: image is {size[0]}x{size[1]}, expected "
+                       f"{self._n}x{self._n} for data.resolution={self._n}")
     return {"inputs": pixels.reshape(-1).astype(np.int32) + 1, "targets": np.int32(label)}
 
 
-def release_examples(root: str) -> list[tuple[str, int]]:
-  """``(relative path, label)`` for every listed, non-empty image under ``root``."""
-  files = sorted(glob.glob(os.path.join(root, "metadata", "*.npy")),
-                 key=lambda f: int(os.path.splitext(os.path.basename(f))[0]))
+def _metadata_order(path: str) -> tuple[bool, int, str]:
+  """Integer names numerically, then any other name (LRA reads every ``*.npy``); the
+  reading order does not change LRA's, which sorts by key."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return (not stem.isdigit(), int(stem) if stem.isdigit() else 0, stem)
+
+
+def release_examples(root: str, difficulty: str) -> list[tuple[str, int]]:
+  """Every image listed in ``root/metadata/*.npy``, in the order LRA's TFDS split has.
+
+  Args:
+    root: ``<lra_release>/pathfinder<resolution>/<difficulty>``.
+    difficulty: the folder name, a key of ``DIFFICULTIES`` (it salts the order).
+
+  Returns:
+    ``(image path relative to root, label)`` for every non-blank metadata line, empty
+    images included (LRA drops them after splitting), sorted by the md5 TFDS gives
+    the key ``<k dir>_<file>_<row>`` salted with LRA's split name.
+  """
+  files = sorted(glob.glob(os.path.join(root, "metadata", "*.npy")), key=_metadata_order)
   if not files:
-    raise DatasetMissingError(f"no metadata/<k>.npy files under {root}")
-  examples, skipped = [], []
+    raise DatasetMissingError(f"no metadata/*.npy files under {root}")
+  salt = hashlib.md5(DIFFICULTIES[difficulty].encode())
+  keyed = []
   for name in files:
-    with open(name, encoding="utf-8") as f:
-      for line in f:
-        fields = line.split()
-        if len(fields) < 4:
-          continue
-        path = os.path.join(fields[0], fields[1])
-        full = os.path.join(root, path)
-        if not os.path.exists(full) or os.path.getsize(full) == 0:
-          skipped.append(path)
-          continue
-        examples.append((path, int(fields[3])))
-  for path in skipped:
-    logging.warning("Pathfinder: skipping empty or missing image %s", path)
-  return examples
+    row = 0
+    try:
+      with open(name, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+          fields = line.split()
+          if not fields:
+            continue
+          if len(fields) < 4 or fields[3] not in ("0", "1"):
+            raise ValueError(f"{name}, line {number}: {line.strip()!r} is not "
+                             "'<dir> <file> <index> <label 0 or 1> ...'")
+          row += 1
+          digest = salt.copy()
+          digest.update("_".join([fields[0], fields[1], str(row)]).encode())
+          keyed.append((digest.digest(), f"{fields[0]}/{fields[1]}", int(fields[3])))
+    except UnicodeDecodeError:
+      raise ValueError(f"{name}: not a text file; the LRA release's metadata/*.npy are "
+                       "text, one image per line") from None
+  keyed.sort()
+  return [(path, label) for _, path, label in keyed]
+
+
+def release_splits(root: str, examples: list[tuple[str, int]]
+                   ) -> dict[str, list[tuple[str, int]]]:
+  """LRA's ``[:80%]``, ``[80%:90%]``, ``[90%:]`` of ``examples``, then empty images
+  dropped; a listed image that does not exist raises."""
+  sizes, missing = {}, []
+  for path, _ in examples:
+    try:
+      sizes[path] = os.path.getsize(os.path.join(root, path))
+    except FileNotFoundError:
+      missing.append(path)
+  if missing:
+    raise DatasetMissingError(
+        f"{len(missing)} image(s) listed in {root}/metadata are missing, e.g. "
+        f"{', '.join(missing[:3])}; is the release fully unpacked?")
+  n = len(examples)
+  a, b = (round(percent * n / 100.0) for percent in (80.0, 90.0))  # TFDS "closest"
+  parts = {"train": examples[:a], "validation": examples[a:b], "test": examples[b:]}
+  for split, part in parts.items():
+    for path, _ in part:
+      if sizes[path] == 0:
+        _log.warning("Pathfinder %s: skipping empty image %s", split, path)
+    parts[split] = [e for e in part if sizes[e[0]] > 0]
+  return parts
 
 
 def load(data, seed: int) -> TaskData:
+  """Release files when ``data.dir`` is set, else generated images (see the module).
+
+  Args:
+    data: ``config.data`` of task ``pathfinder``, every key present.
+    seed: seeds the generator; the release's splits are fixed.
+
+  Returns:
+    ``TaskData`` with ``max_len = resolution**2`` and 2 classes.
+  """
+  check(dict(data))
   n = data.resolution
-  if n not in PRESETS and None in (data.paddle_length, data.thickness, data.marker_radius):
-    raise ValueError(f"data.resolution={n} has no published preset ({sorted(PRESETS)}); "
-                     "set data.paddle_length, data.thickness and data.marker_radius")
   if data.dir:
-    root = os.path.join(data.dir, f"pathfinder{n}", data.difficulty)
+    difficulty = data.difficulty or RELEASE_DIFFICULTY
+    root = os.path.join(data.dir, f"pathfinder{n}", difficulty)
     if not os.path.isdir(root):
       raise DatasetMissingError(
           f"Pathfinder release folder {root} not found. Download "
           "https://storage.googleapis.com/long-range-arena/lra_release.gz, unpack it and "
           "pass --config.data.dir=<lra_release>/lra_release; or unset data.dir to use "
           "effx's generator")
-    examples = release_examples(root)
-    a, b = int(0.8 * len(examples)), int(0.9 * len(examples))
-    parts = {"train": examples[:a], "validation": examples[a:b], "test": examples[b:]}
+    parts = release_splits(root, release_examples(root, difficulty))
     splits = {k: ReleaseSource(root, v, n) for k, v in parts.items()}
   else:
-    preset = PRESETS.get(n, {})
-    options = {k: getattr(data, k) if getattr(data, k) is not None else preset[k]
-               for k in ("paddle_length", "thickness", "marker_radius")}
-    generator = Generator(n, data.contour_length, num_distractors=data.num_distractors,
-                          **options)
-    sizes = {"train": data.num_train, "validation": data.num_valid, "test": data.num_test}
-    splits = {k: GeneratedSource(generator, seed, k, size, data.cache_dir)
+    s = generator_settings(data)
+    generator = Generator(n, s["contour_length"], s["paddle_length"], s["thickness"],
+                          s["marker_radius"], s["num_distractors"])
+    sizes = {"train": s["num_train"], "validation": s["num_valid"], "test": s["num_test"]}
+    splits = {k: GeneratedSource(generator, seed, k, size, s["cache_dir"])
               for k, size in sizes.items()}
   return TaskData(splits, vocab_size=BYTE_VOCAB, num_classes=2, max_len=n * n)

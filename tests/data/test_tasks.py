@@ -73,8 +73,8 @@ def test_pathfinder_release_files(tmp_path, caplog):
   assert "sample_4.png" in caplog.text
   sizes = {k: len(v) for k, v in task.splits.items()}
   assert sizes == {"train": 7, "validation": 1, "test": 1}
-  example = task.splits["train"][1]
-  assert example["inputs"].shape == (1024,) and int(example["inputs"][0]) == 10 + 1
+  example = task.splits["train"][1]  # LRA's order (see test_release_layout.py): sample_7
+  assert example["inputs"].shape == (1024,) and int(example["inputs"][0]) == 70 + 1
   assert int(example["targets"]) == 1
 
 
