@@ -42,4 +42,7 @@ def get_config(arg=None):
   if size in ("small", "tiny"):
     c.model.attention = "local"
     c.model.attention_kwargs = {"window": 128}
+  if size == "tiny":  # 16K tokens an example: fewer, smaller steps keep it about a minute
+    c.update(batch_size=4, num_train_steps=20, eval_every_steps=10, checkpoint_every_steps=10,
+             max_eval_examples=32, max_test_examples=32)
   return c

@@ -29,7 +29,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500  # also on SIGTERM and at the end
   c.keep_checkpoints = 3          # newest K kept in workdir/checkpoints
   c.log_every_steps = 50
-  c.max_eval_examples = 0         # 0: the whole validation / test split
+  c.max_eval_examples = 0         # periodic validation on the first N (0: all of it)
+  c.max_test_examples = 0         # final test on the first N (0: the whole test split)
   c.learning_rate = 0.05          # peak
   c.warmup_steps = 1000           # linear warm-up to the peak
   c.schedule = "rsqrt"            # after warm-up: "rsqrt", "cosine" or "constant"
@@ -73,5 +74,6 @@ def resize(c: ml_collections.ConfigDict, size: str | None) -> ml_collections.Con
   c.checkpoint_every_steps = 500 if small else 20
   c.log_every_steps = 100 if small else 10
   c.max_eval_examples = 1000 if small else 64
+  c.max_test_examples = 0 if small else 64
   c.data_threads = 2
   return c

@@ -64,7 +64,7 @@ def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = 
     checkpoints.close()
   name = checkpoint if checkpoint in ("latest", "best") else "step"
   result = {"checkpoint": name, "step": step, "split": split,
-            **run.evaluate(params, model_state, split, whole=True)}
+            **run.evaluate(params, model_state, split)}
   path = os.path.join(workdir, f"eval_{split}_{name}_{step}.json")
   with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)

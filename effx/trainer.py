@@ -70,7 +70,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
               "keep_checkpoints", "log_every_steps", "grad_accum_steps", "data_threads"):
     if key in config and config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
-  for key in ("warmup_steps", "max_eval_examples"):
+  for key in ("warmup_steps", "max_eval_examples", "max_test_examples"):
     if key in config and config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be >= 0")
   if config.batch_size % config.grad_accum_steps:
@@ -221,10 +221,10 @@ class Run:
     with self.context():
       return self._train_step(state, sharding.global_batch(batch, self.mesh))
 
-  def evaluate(self, params, model_state, split: str, *, whole: bool = False) -> dict[str, float]:
-    """Accuracy and loss of ``params`` on ``split``: its first ``max_eval_examples``
-    (periodic validation), or all of it when ``whole`` or that option is 0."""
-    limit = None if whole else (self.config.max_eval_examples or None)
+  def evaluate(self, params, model_state, split: str, *, limit: int | None = None
+               ) -> dict[str, float]:
+    """Accuracy, loss and example count of ``params`` on the first ``limit`` examples
+    of ``split`` (None: all of it)."""
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     with self.context():
       for batch in pipeline.eval_batches(self.task.splits[split], self.config.batch_size,
@@ -234,7 +234,7 @@ class Run:
         for k in totals:
           totals[k] += float(sums[k])
     return {"accuracy": totals["correct"] / totals["count"],
-            "loss": totals["loss"] / totals["count"]}
+            "loss": totals["loss"] / totals["count"], "examples": int(totals["count"])}
 
 
 def _save_config(config, workdir: str) -> None:
@@ -340,8 +340,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_train.update(progress.update(step, last_train))
         writer.write(step, "train", last_train)
       if evaluate:
-        result = run.evaluate(state.params, state.model_state, "validation")
-        writer.write(step, "validation", result)
+        result = run.evaluate(state.params, state.model_state, "validation",
+                              limit=config.max_eval_examples or None)
+        writer.write(step, "validation", {k: result[k] for k in ("accuracy", "loss")})
         if not np.isfinite(result["loss"]):  # finite but diverged parameters
           diverged("validation loss", result["loss"], step)
         progress.message(f"step {step}: validation accuracy {result['accuracy']:.4f}")
@@ -374,8 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best_target = {"params": run.abstract_state.params,
                  "model_state": run.abstract_state.model_state}
   best = checkpoints.restore_best(best_target, meta["best_step"])
-  test_best = run.evaluate(best["params"], best["model_state"], "test", whole=True)
-  test_last = run.evaluate(state.params, state.model_state, "test", whole=True)
+  test_limit = config.max_test_examples or None
+  test_best = run.evaluate(best["params"], best["model_state"], "test", limit=test_limit)
+  test_last = run.evaluate(state.params, state.model_state, "test", limit=test_limit)
   writer.write(step, "test", {"accuracy": test_best["accuracy"],
                               "accuracy_last": test_last["accuracy"]})
   sessions.update(step, "finished")
@@ -386,6 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "best_step": meta["best_step"],
       "test_accuracy": test_best["accuracy"],
       "test_accuracy_last_checkpoint": test_last["accuracy"],
+      "test_examples": test_best["examples"],
       # Every session's, data loading and compiling included; per session below.
       "wall_time_s": round(sum(s["wall_time_s"] for s in sessions.all()), 3),
       "peak_memory_bytes": peak_memory_bytes(),

@@ -3,10 +3,10 @@ sessions.
 
 A workdir holds one run. ``config.json`` is the config it runs under; a rerun compares
 its config with it. Keys in ``HARMLESS`` (how long, how often to evaluate, log and
-checkpoint, how many checkpoints to keep, data threads) may change between sessions and
-are recorded in ``sessions.json``; any other difference (task, data, model, optimizer,
-seed, mesh ...) would resume a state under math it was not trained with, so the run
-refuses to start and names the keys.
+checkpoint, how many checkpoints to keep, how many examples to evaluate, data threads)
+may change between sessions and are recorded in ``sessions.json``; any other
+difference (task, data, model, optimizer, seed, mesh ...) would resume a state under
+math it was not trained with, so the run refuses to start and names the keys.
 
 ``sessions.json`` lists every process that worked on the run: when it started, the step
 it resumed from, the step it reached, its wall time, how it ended and the harmless keys
@@ -25,8 +25,8 @@ from typing import Any
 
 # Changing these never changes what a resumed step computes.
 HARMLESS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
-            "keep_checkpoints", "log_every_steps", "max_eval_examples", "data_threads",
-            "init_checkpoint", "data.cache_dir")
+            "keep_checkpoints", "log_every_steps", "max_eval_examples", "max_test_examples",
+            "data_threads", "init_checkpoint", "data.cache_dir")
 
 
 class ConfigMismatchError(ValueError):
