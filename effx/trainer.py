@@ -238,9 +238,10 @@ class Run:
 
 
 def _save_config(config, workdir: str) -> None:
+  # Atomic: other hosts (and the next run) read it to compare configs.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir_lib.write_json_atomic(os.path.join(workdir, "config.json"),
+                                  json.loads(config.to_json_best_effort()))
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
