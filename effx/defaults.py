@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from effx import data as data_lib
+from effx import distill
 
 SIZES = ("full", "small", "tiny")
 
@@ -51,6 +52,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.model.ff_chunk_size = ml_collections.config_dict.placeholder(int)   # None: unchunked
   c.model.classifier_dim = ml_collections.config_dict.placeholder(int)  # None: mlp_dim
   c.data = ml_collections.ConfigDict(data_lib.defaults(task))
+  # Distillation from a finished run (effx.distill); teacher_workdir "" keeps it off.
+  c.distill = distill.defaults()
   return c
 
 

@@ -40,7 +40,7 @@ def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = 
   if checkpoint not in ("latest", "best") and not checkpoint.isdigit():
     raise ValueError(f"--checkpoint={checkpoint!r}: use 'latest', 'best' or a step number")
   config = trainer.load_workdir_config(workdir)
-  run = trainer.Run(config)
+  run = trainer.Run(config, evaluation_only=True)
   checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
   try:
     if checkpoint == "best":

@@ -98,8 +98,10 @@ def read(workdir: str) -> list[dict]:
 class Progress:
   """A tqdm bar on an interactive terminal; otherwise a log line per report."""
 
-  def __init__(self, start: int, total: int, batch_size: int):
-    self._total, self._batch = total, batch_size
+  def __init__(self, start: int, total: int, batch_size: int,
+               shown: tuple[str, ...] = ("loss", "accuracy")):
+    """``shown``: the training metrics on each line, in order."""
+    self._total, self._batch, self._shown = total, batch_size, shown
     self._last_step, self._last_time = start, time.perf_counter()
     self._bar = None
     if sys.stderr.isatty() and jax.process_index() == 0:
@@ -115,13 +117,14 @@ class Progress:
     speed = {"steps_per_s": rate, "examples_per_s": rate * self._batch}
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
-      self._bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
+      self._bar.set_postfix(**{k: f"{values[k]:.4f}" for k in self._shown},
                             ex_s=f"{speed['examples_per_s']:.0f}")
     elif jax.process_index() == 0:
       eta = (self._total - step) / max(rate, 1e-9)
-      logging.info("step %d/%d  loss %.4f  acc %.3f  %.2f steps/s  %.0f ex/s  ETA %s", step,
-                   self._total, values["loss"], values["accuracy"], rate,
-                   speed["examples_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
+      shown = "  ".join(f"{k} {values[k]:.4f}" for k in self._shown)
+      logging.info("step %d/%d  %s  %.2f steps/s  %.0f ex/s  ETA %s", step, self._total,
+                   shown, rate, speed["examples_per_s"],
+                   time.strftime("%H:%M:%S", time.gmtime(eta)))
     return speed
 
   def message(self, text: str) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 
 from effx import checkpoint as ckpt
 from effx import data as data_lib
-from effx import defaults, metrics, models, optim, sharding, steps
+from effx import defaults, distill, metrics, models, objectives, optim, sharding, steps
 from effx import workdir as workdir_lib
 from effx.data import pipeline
 
@@ -53,7 +53,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}; "
                      f"valid keys: {', '.join(base.keys())}")
   for key, default in base.items():
-    if key in ("model", "data", "mesh", "sharding_rules") or key not in config:
+    if key in ("model", "data", "mesh", "sharding_rules", "distill") or key not in config:
       continue
     value = config[key]
     if isinstance(default, bool) or isinstance(value, bool):
@@ -78,6 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"config.grad_accum_steps={config.grad_accum_steps}")
   optim.schedule(config)  # validates config.schedule
   data_lib.check_config(config.data)
+  distill.check_config(config.distill)
   expected_kind = "dual_encoder" if config.data.task == "retrieval" else "classifier"
   if config.model.get("kind", expected_kind) != expected_kind:
     raise ValueError(f"model.kind={config.model.kind!r} does not fit data.task="
@@ -163,7 +164,8 @@ class _Stop:
 class Run:
   """A model, its sharded state and compiled steps for one config (training or eval)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, *, evaluation_only: bool = False):
+    """``evaluation_only``: no training extras (a distillation teacher is not loaded)."""
     check_config(config)
     self.config = config
     self.task = data_lib.load(config.data, config.seed)
@@ -194,8 +196,17 @@ class Run:
                                               self.state_shardings)
       self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.objective = objectives.Classification(self.model)
+    self.extra = None  # what the objective needs besides the state (a teacher)
+    objective, self.teacher = None, None
+    if not evaluation_only:
+      objective, self.teacher = distill.setup(config, self.task, self.model_config,
+                                              self.model)
+    if objective is not None:
+      self.objective = objective
+      self.extra = jax.device_put(self.teacher.variables, sharding.replicated(self.mesh))
     self._train_step = None
-    self._eval_step = jax.jit(functools.partial(steps.eval_step, model=self.model),
+    self._eval_step = jax.jit(functools.partial(steps.eval_step, objective=self.objective),
                               out_shardings=sharding.replicated(self.mesh))
 
   def context(self):
@@ -211,30 +222,31 @@ class Run:
 
   def train_step(self, state, batch):
     if self._train_step is None:
-      fn = functools.partial(steps.train_step, model=self.model, tx=self.tx,
+      fn = functools.partial(steps.train_step, objective=self.objective, tx=self.tx,
                              schedule=self.schedule, dropout_key=self.dropout_key,
                              accumulate=self.config.grad_accum_steps)
-      self._train_step = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+      extra = sharding.replicated(self.mesh) if self.extra is not None else None
+      self._train_step = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding,
+                                                   extra),
                                  out_shardings=(self.state_shardings,
                                                 sharding.replicated(self.mesh)),
                                  donate_argnums=(0,))
     with self.context():
-      return self._train_step(state, sharding.global_batch(batch, self.mesh))
+      return self._train_step(state, sharding.global_batch(batch, self.mesh), self.extra)
 
   def evaluate(self, params, model_state, split: str, *, limit: int | None = None
                ) -> dict[str, float]:
-    """Accuracy, loss and example count of ``params`` on the first ``limit`` examples
-    of ``split`` (None: all of it)."""
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    """The objective's metrics (accuracy, loss, example count) of ``params`` on the first
+    ``limit`` examples of ``split`` (None: all of it)."""
+    totals = {}
     with self.context():
       for batch in pipeline.eval_batches(self.task.splits[split], self.config.batch_size,
                                          max_examples=limit):
         sums = jax.device_get(self._eval_step(params, model_state,
                                               sharding.global_batch(batch, self.mesh)))
-        for k in totals:
-          totals[k] += float(sums[k])
-    return {"accuracy": totals["correct"] / totals["count"],
-            "loss": totals["loss"] / totals["count"], "examples": int(totals["count"])}
+        for k, v in sums.items():
+          totals[k] = totals.get(k, 0.0) + float(v)
+    return self.objective.eval_metrics(totals)
 
 
 def _save_config(config, workdir: str) -> None:
@@ -263,7 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = _check_workdir(workdir)
   run = Run(config)  # validates the config and loads the data; writes nothing
   config_values = json.loads(config.to_json_best_effort())
-  changes = workdir_lib.check_resume(workdir, config_values)
+  changes = workdir_lib.check_resume(
+      workdir, config_values,
+      json.loads(defaults.base(config.data.task).to_json_best_effort()))
   created = not os.path.exists(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -274,9 +288,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if created and jax.process_index() == 0:
       shutil.rmtree(workdir, ignore_errors=True)
     raise
-  meta = {"best_accuracy": -1.0, "best_step": -1}
+  objective = run.objective
+  meta = {"best_value": None, "best_step": -1}
   if restored is not None:
     state, data_state, meta, start = restored
+    if "best_accuracy" in meta:  # written before objectives named their metric
+      meta["best_value"] = meta.pop("best_accuracy")
     last_train = {"loss": meta.pop("train_loss", float("nan"))}
     checkpoints.drop_best_after(start)
     logging.info("resumed from %s at step %d", checkpoints.directory, start)
@@ -289,6 +306,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       params = ckpt.restore_params(config.init_checkpoint, run.abstract_state.params)
       state = state.replace(params=params)
       logging.info("initialised parameters from %s", config.init_checkpoint)
+    elif run.teacher is not None and config.distill.init_from_teacher:
+      params, kept = distill.init_student(state.params, run.teacher.variables["params"],
+                                          run.objective.layer_map)
+      state = state.replace(params=jax.device_put(params, run.state_shardings.params))
+      logging.info("initialised the student from the teacher's layers %s%s",
+                   list(run.objective.layer_map),
+                   f"; not in the teacher, kept fresh: {', '.join(kept)}" if kept else "")
+  if run.teacher is not None:
+    run.teacher.record(workdir)
   _save_config(config, workdir)
   logging.info("config:\n%s", config)
   logging.info("model: %s, %d parameters; mesh %s; %d devices", config.model.attention,
@@ -303,7 +329,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   iterator = pipeline.train_iterator(dataset, data_state, threads=config.data_threads)
   stop = _Stop()
   stop.install()
-  progress = metrics.Progress(start, config.num_train_steps, config.batch_size)
+  progress = metrics.Progress(start, config.num_train_steps, config.batch_size,
+                              objective.progress)
   pending: list[dict[str, jax.Array]] = []
   last_good, step = start, start
 
@@ -343,12 +370,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if evaluate:
         result = run.evaluate(state.params, state.model_state, "validation",
                               limit=config.max_eval_examples or None)
-        writer.write(step, "validation", {k: result[k] for k in ("accuracy", "loss")})
+        writer.write(step, "validation", {k: v for k, v in result.items() if k != "examples"})
         if not np.isfinite(result["loss"]):  # finite but diverged parameters
           diverged("validation loss", result["loss"], step)
-        progress.message(f"step {step}: validation accuracy {result['accuracy']:.4f}")
-        if result["accuracy"] > meta["best_accuracy"]:
-          meta = {"best_accuracy": result["accuracy"], "best_step": step}
+        name, value = objective.best_metric, result[objective.best_metric]
+        progress.message(f"step {step}: validation {name} {value:.4f}")
+        best = meta["best_value"]
+        if best is None or (value > best if objective.higher_is_better else value < best):
+          meta = {"best_value": value, "best_step": step}
           checkpoints.save_best(step, {"params": state.params, "model_state": state.model_state})
       if save or stop.requested:
         if pending:  # the signal arrived during this step's evaluation
@@ -379,16 +408,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test_limit = config.max_test_examples or None
   test_best = run.evaluate(best["params"], best["model_state"], "test", limit=test_limit)
   test_last = run.evaluate(state.params, state.model_state, "test", limit=test_limit)
-  writer.write(step, "test", {"accuracy": test_best["accuracy"],
-                              "accuracy_last": test_last["accuracy"]})
+  name = objective.best_metric
+  writer.write(step, "test", {name: test_best[name], f"{name}_last": test_last[name]})
   sessions.update(step, "finished")
   results = {
       "step": step,
       "final_train_loss": last_train.get("loss", float("nan")),
-      "eval_accuracy": meta["best_accuracy"],
+      f"eval_{name}": meta["best_value"],
       "best_step": meta["best_step"],
-      "test_accuracy": test_best["accuracy"],
-      "test_accuracy_last_checkpoint": test_last["accuracy"],
+      f"test_{name}": test_best[name],
+      f"test_{name}_last_checkpoint": test_last[name],
       "test_examples": test_best["examples"],
       # Every session's, data loading and compiling included; per session below.
       "wall_time_s": round(sum(s["wall_time_s"] for s in sessions.all()), 3),
@@ -400,9 +429,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results["sessions"] = sessions.all()
   if jax.process_index() == 0:
     workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
-  logging.info("done: validation %.4f (step %d), test %.4f (last checkpoint %.4f)",
-               results["eval_accuracy"], results["best_step"], results["test_accuracy"],
-               results["test_accuracy_last_checkpoint"])
+  logging.info("done: validation %s %.4f (step %d), test %.4f (last checkpoint %.4f)", name,
+               results[f"eval_{name}"], results["best_step"], results[f"test_{name}"],
+               results[f"test_{name}_last_checkpoint"])
   checkpoints.close()
   writer.close()
   return results

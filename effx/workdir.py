@@ -68,16 +68,23 @@ def differences(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
           if _normalise(a.get(k, missing)) != _normalise(b.get(k, missing))}
 
 
-def check_resume(workdir: str, config_values: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def check_resume(workdir: str, config_values: dict[str, Any],
+                 default_values: dict[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
   """Compares ``config_values`` (the JSON form of the config) with the run already in
-  ``workdir``. Returns the harmless changes (empty for a new run); raises
-  ``ConfigMismatchError`` listing every other change and the ways out."""
+  ``workdir``. A key the stored config lacks (added to effx since) counts as unchanged
+  while its value is the default in ``default_values``. Returns the harmless changes
+  (empty for a new run); raises ``ConfigMismatchError`` listing every other change and
+  the ways out."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return {}
   with open(path, encoding="utf-8") as f:
     stored = json.load(f)
   changed = differences(stored, config_values)
+  added = flatten(default_values or {})
+  changed = {k: v for k, v in changed.items()
+             if not (v[0] == "<unset>" and k in added
+                     and _normalise(added[k]) == _normalise(v[1]))}
   harmful = {k: v for k, v in changed.items() if k not in HARMLESS}
   schedule = config_values.get("schedule")
   if "num_train_steps" in changed and schedule == "cosine":

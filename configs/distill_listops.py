@@ -1,0 +1,41 @@
+"""Distil a ListOps teacher into a smaller student (``effx.distill``).
+
+The teacher is a finished run of ``configs/lra_listops.py`` at the same size (the
+student trains on the teacher's data, so the sizes must match):
+
+  python -m effx.train --config=configs/lra_listops.py:small --workdir=/tmp/listops
+  python -m effx.train --config=configs/distill_listops.py:small \\
+      --config.distill.teacher_workdir=/tmp/listops --workdir=/tmp/listops_student
+
+``:small``: the teacher's 2 layers -> 1 layer of the same width, started from the
+teacher's embeddings, head and last layer; loss ``T² KL`` on the logits (T = 2) plus 0.1
+of the labels' cross-entropy. Add ``--config.distill.hidden_weight=1`` for the
+hidden-state loss, ``--config.distill.attention_weight=1`` for attention-output transfer
+(e.g. with ``--config.model.attention=performer``). ``:tiny`` (a smoke test): a
+narrower student of the ``:tiny`` teacher, not initialised from it.
+"""
+
+import os
+
+import ml_collections
+
+from effx import cli
+
+
+def get_config(size="small"):
+  if size not in ("small", "tiny"):
+    raise ValueError(f"configs/distill_listops.py:{size}: sizes are small and tiny (the "
+                     "teacher must be a configs/lra_listops.py run of the same size)")
+  here = os.path.dirname(os.path.abspath(__file__))
+  c = cli.load_config(f"{os.path.join(here, 'lra_listops.py')}:{size}")
+  c.distill.update(temperature=2.0, kd_weight=1.0, ce_weight=0.1)
+  with c.distill.ignore_type():
+    # Required: --config.distill.teacher_workdir=<the teacher's workdir>.
+    c.distill.teacher_workdir = ml_collections.config_dict.placeholder(str)
+  if size == "small":
+    c.model.num_layers = 1
+    c.distill.init_from_teacher = True
+  else:
+    c.model.update(qkv_dim=16, mlp_dim=32)
+    c.model.classifier_dim = 32
+  return c

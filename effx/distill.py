@@ -1,0 +1,328 @@
+"""Distillation: train a student toward a frozen teacher, in the one training loop.
+
+The teacher is a finished ``effx.train`` workdir (``config.distill.teacher_workdir``):
+its ``config.json`` builds the teacher model and its best-on-validation parameters are
+loaded. The teacher's forward pass runs inside the student's jitted step, on the same
+batch, without gradients; its variables are an argument of the step (not part of the
+student's state: never donated, never checkpointed). ``workdir/teacher.json`` records
+the teacher's path, step and a SHA-256 of its parameters; a resumed run refuses a
+teacher whose parameters changed.
+
+Losses (each with its weight in ``config.distill``; token-level ones averaged over real
+tokens only):
+
+* ``kd_weight``: Hinton et al. 2015, ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` on the
+  logits (T = ``temperature``; T² keeps its gradients on the scale of the hard loss).
+* ``ce_weight``: cross-entropy on the labels (DistilBERT's α_ce on the hard targets).
+* ``hidden_weight``: each student layer's output against the teacher layer
+  ``layer_map`` assigns to it, ``hidden_loss="mse"`` (TinyBERT) or ``"cosine"``
+  (DistilBERT: 1 - cos). Needs equal ``emb_dim``.
+* ``attention_weight``: attention-output transfer (each student layer's attention
+  sub-block output against its teacher layer's on the same input, MSE), the loss that
+  turns a softmax model into an efficient-attention one (T2R, Hedgehog, LoLCATs).
+
+``layer_map`` (default uniform): student layer i learns from teacher layer
+``(i + 1) · k - 1`` with ``k = teacher layers / student layers``. With
+``init_from_teacher``, a new student starts from the teacher's embeddings, head and the
+mapped layers (DistilBERT takes every other layer); the student may use another
+attention family: parameter-free families have dense attention's parameter tree, so this
+is a copy, and a family's own parameters (Linformer projections, Synthesizer tables,
+Routing centroids) that the teacher lacks keep their fresh initialisation (logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from effx import models
+from effx.objectives import Classification, forward
+
+DEFAULTS = dict(teacher_workdir="", temperature=2.0, kd_weight=1.0, ce_weight=0.1,
+                hidden_weight=0.0, hidden_loss="mse", attention_weight=0.0, layer_map=(),
+                init_from_teacher=False)
+HIDDEN_LOSSES = ("mse", "cosine")
+_log = logging.getLogger(__name__)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """``config.distill`` with every key at its default (``teacher_workdir=""``: off; a
+  distillation config sets it to None, which must be overridden)."""
+  return ml_collections.ConfigDict(dict(DEFAULTS))
+
+
+def check_config(distill: Any) -> None:
+  """Unknown keys, wrong types and bad values of ``config.distill`` raise, naming the key."""
+  values = dict(distill)
+  unknown = sorted(set(values) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {', '.join('distill.' + k for k in unknown)}; "
+                     f"valid: {', '.join(DEFAULTS)}")
+  if values.get("teacher_workdir", "") is None:
+    raise ValueError("distill.teacher_workdir is not set: pass --config.distill."
+                     "teacher_workdir=<the workdir of a finished effx.train run>")
+  for key, default in DEFAULTS.items():
+    value = values.get(key, default)
+    if isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, float):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, tuple):
+      ok = isinstance(value, (tuple, list)) and all(
+          isinstance(i, int) and not isinstance(i, bool) for i in value)
+    else:
+      ok = isinstance(value, type(default))
+    if not ok:
+      raise TypeError(f"distill.{key}={value!r} must be a {type(default).__name__}"
+                      + (" of layer indices" if isinstance(default, tuple) else ""))
+  for key in ("kd_weight", "ce_weight", "hidden_weight", "attention_weight"):
+    if values.get(key, 0.0) < 0:
+      raise ValueError(f"distill.{key}={values[key]} must be >= 0")
+  if values.get("temperature", 1.0) <= 0:
+    raise ValueError(f"distill.temperature={values['temperature']} must be positive")
+  if values.get("hidden_loss", "mse") not in HIDDEN_LOSSES:
+    raise ValueError(f"distill.hidden_loss={values['hidden_loss']!r}; one of "
+                     f"{', '.join(HIDDEN_LOSSES)}")
+  if not values.get("teacher_workdir"):
+    changed = [k for k in DEFAULTS if k != "teacher_workdir"
+               and _normal(values.get(k, DEFAULTS[k])) != _normal(DEFAULTS[k])]
+    if changed:
+      raise ValueError(f"{', '.join('distill.' + k for k in changed)} set but "
+                       "distill.teacher_workdir is empty: set the teacher's workdir, or "
+                       "leave the distill section at its defaults")
+
+
+def _normal(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
+  """Student layer i <- teacher layer (i + 1) * k - 1, k = teacher / student (integer
+  division, at least 1; the last student layer always maps to the last teacher layer)."""
+  k = max(teacher_layers // student_layers, 1)
+  mapped = [min((i + 1) * k - 1, teacher_layers - 1) for i in range(student_layers)]
+  mapped[-1] = teacher_layers - 1
+  return tuple(mapped)
+
+
+def params_sha256(params) -> str:
+  """SHA-256 of every parameter's path, shape, dtype and bytes (host order)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    array = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{array.shape}:{array.dtype}".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+class Teacher:
+  """A finished run's model and best parameters.
+
+  Attributes:
+    model: the teacher's Linen model.
+    variables: ``{"params": ..., "model_state": ...}`` (host arrays until placed).
+    config: the teacher run's config.
+    step: the step of its best checkpoint.
+    sha256: ``params_sha256`` of its parameters.
+  """
+
+  def __init__(self, workdir: str, student_data: dict[str, Any], task,
+               student_model_config):
+    from effx import checkpoint as ckpt  # noqa: PLC0415 (trainer imports this module)
+    from effx import trainer  # noqa: PLC0415
+
+    where = f"distill.teacher_workdir={workdir!r}"
+    if not os.path.isdir(workdir):
+      raise FileNotFoundError(f"{where}: no such folder (the workdir of a finished "
+                              "effx.train run)")
+    try:
+      config = trainer.load_workdir_config(workdir)
+    except (OSError, ValueError, KeyError) as error:
+      raise ValueError(f"{where}: not an effx.train workdir ({error})") from None
+    task_name = student_data["task"]
+    if config.data.task != task_name:
+      raise ValueError(f"{where} was trained on data.task={config.data.task!r}; the student's "
+                       f"task is {task_name!r}")
+    other = {k: (config.data.get(k), v) for k, v in student_data.items()
+             if k != "cache_dir" and _normal(config.data.get(k)) != _normal(v)}
+    if other:
+      raise ValueError(f"{where} was trained on other data: " + ", ".join(
+          f"data.{k}={t!r} (student: {s!r})" for k, (t, s) in other.items()) +
+          "; distil on the teacher's data")
+    teacher_model_config = models.model_config(trainer._model_dict(config, task))  # noqa: SLF001
+    for key in ("vocab_size", "num_classes", "kind"):
+      a, b = getattr(teacher_model_config, key), getattr(student_model_config, key)
+      if a != b:
+        raise ValueError(f"{where}: the teacher has model.{key}={a!r}, the student {b!r}")
+    self.config, self.model_config = config, teacher_model_config
+    self.model = models.build(teacher_model_config)
+    dummy = jnp.zeros((1, task.max_len), jnp.int32)
+    dummies = (dummy, dummy) if task.dual else (dummy,)
+    shapes = jax.eval_shape(
+        lambda: self.model.init({"params": jax.random.PRNGKey(0),
+                                 "dropout": jax.random.PRNGKey(0)}, *dummies, train=False))
+    shapes = nn.unbox(shapes)
+    target = {"params": shapes["params"],
+              "model_state": {k: v for k, v in shapes.items() if k != "params"}}
+    checkpoints = ckpt.Checkpoints(workdir, keep=1)
+    try:
+      step = checkpoints.best.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"{where}: no best checkpoint in {workdir}/best (has the "
+                                "run finished a validation?)")
+      try:
+        restored = checkpoints.restore_best(target, step)
+      except Exception as error:  # orbax raises many types for an unreadable folder
+        raise ValueError(f"{where}: best checkpoint {step} does not restore "
+                         f"({type(error).__name__}: {str(error)[:300]})") from None
+    finally:
+      checkpoints.close()
+    self.variables = {"params": restored["params"], "model_state": restored["model_state"]}
+    self.step = step
+    self.sha256 = params_sha256(self.variables["params"])
+    self.workdir = os.path.abspath(workdir)
+
+  def record(self, workdir: str) -> None:
+    """Writes ``workdir/teacher.json``; on a resume, refuses a teacher that changed."""
+    from effx import workdir as workdir_lib  # noqa: PLC0415
+
+    path = os.path.join(workdir, "teacher.json")
+    mine = {"workdir": self.workdir, "best_step": self.step, "params_sha256": self.sha256}
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+      if stored["params_sha256"] != self.sha256:
+        raise workdir_lib.ConfigMismatchError(
+            f"the teacher in {self.workdir} (best step {self.step}) is not the one this run "
+            f"was distilled from (best step {stored['best_step']}, parameters "
+            f"{stored['params_sha256'][:12]}..., now {self.sha256[:12]}...); use another "
+            "--workdir for the new teacher")
+    if jax.process_index() == 0:
+      workdir_lib.write_json_atomic(path, mine)
+
+
+def init_student(student_params, teacher_params, layer_map: tuple[int, ...]):
+  """The student's parameters with every leaf the teacher has copied in: layer-stacked
+  leaves (``.../layers/...``, leading layer axis) take the teacher's ``layer_map``
+  layers, the rest (embeddings, norms, head) are copied whole. Raises on a shape that
+  cannot be copied; leaves the teacher lacks stay as initialised (returned by name)."""
+  teacher_flat = {jax.tree_util.keystr(p): v
+                  for p, v in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+  kept, index = [], np.asarray(layer_map)
+
+  def take(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name not in teacher_flat:
+      kept.append(name)
+      return leaf
+    source = teacher_flat[name]
+    if "'layers'" in name:
+      source = jnp.take(source, index, axis=0)
+    if source.shape != leaf.shape:
+      raise ValueError(f"distill.init_from_teacher: {name} is {tuple(source.shape)} in the "
+                       f"teacher's mapped layers, {tuple(leaf.shape)} in the student; "
+                       "initialising from the teacher needs the same widths")
+    # A copy: the student's state is donated to the step, the teacher's variables are not.
+    return jnp.array(source, dtype=leaf.dtype, copy=True)
+
+  params = jax.tree_util.tree_map_with_path(take, student_params)
+  return params, kept
+
+
+def _token_mean(per_token: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``per_token`` ``[layers, batch, length]`` over real tokens."""
+  weights = mask.astype(jnp.float32)[None]
+  return jnp.sum(per_token * weights) / jnp.maximum(
+      jnp.sum(weights) * per_token.shape[0], 1.0)
+
+
+class Distillation(Classification):
+  """The student's distillation loss; evaluated (and its best checkpoint chosen) as a
+  classifier on the labels."""
+
+  progress = ("loss", "accuracy", "kd")
+
+  def __init__(self, model: nn.Module, teacher_model: nn.Module, options: Any,
+               layer_map: tuple[int, ...]):
+    super().__init__(model)
+    self.teacher_model = teacher_model
+    self.temperature = float(options.temperature)
+    self.weights = {k: float(options[f"{k}_weight"])
+                    for k in ("kd", "ce", "hidden", "attention")}
+    self.hidden_loss = options.hidden_loss
+    self.layer_map = layer_map
+
+  def loss(self, params, model_state, batch, rng, extra: Any = None):
+    logits, aux, new_state = forward(self.model, params, model_state, batch, train=True,
+                                     rng=rng)
+    t_logits, t_aux, _ = forward(self.teacher_model, extra["params"], extra["model_state"],
+                                 batch, train=False)
+    t_logits, t_aux = jax.lax.stop_gradient((t_logits, t_aux))
+    logits, t_logits = logits.astype(jnp.float32), t_logits.astype(jnp.float32)
+    t = self.temperature
+    soft = jax.nn.softmax(t_logits / t)
+    kd = t * t * jnp.mean(jnp.sum(soft * (jax.nn.log_softmax(t_logits / t)
+                                          - jax.nn.log_softmax(logits / t)), axis=-1))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+    values = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["targets"]),
+              "kd": kd, "ce": ce}
+    total = self.weights["kd"] * kd + self.weights["ce"] * ce
+    index = jnp.asarray(self.layer_map)
+    if self.weights["hidden"]:
+      s_h = aux["hidden"].astype(jnp.float32)
+      t_h = jnp.take(t_aux["hidden"], index, axis=0).astype(jnp.float32)
+      if self.hidden_loss == "mse":
+        per_token = jnp.mean(jnp.square(s_h - t_h), axis=-1)
+      else:
+        cos = jnp.sum(s_h * t_h, -1) / jnp.maximum(
+            jnp.linalg.norm(s_h, axis=-1) * jnp.linalg.norm(t_h, axis=-1), 1e-8)
+        per_token = 1.0 - cos
+      values["hidden"] = _token_mean(per_token, aux["mask"])
+      total = total + self.weights["hidden"] * values["hidden"]
+    if self.weights["attention"]:
+      s_a = aux["attention"].astype(jnp.float32)
+      t_a = jnp.take(t_aux["attention"], index, axis=0).astype(jnp.float32)
+      values["attention"] = _token_mean(jnp.mean(jnp.square(s_a - t_a), axis=-1), aux["mask"])
+      total = total + self.weights["attention"] * values["attention"]
+    return total, (values, new_state)
+
+
+def setup(config, task, student_model_config, student_model):
+  """``(objective, teacher)`` for ``config`` when ``config.distill.teacher_workdir`` is
+  set, else ``(None, None)``. Raises one clear message on a bad teacher or options."""
+  options = config.distill
+  if not options.teacher_workdir:
+    return None, None
+  teacher = Teacher(os.path.expanduser(options.teacher_workdir), config.data.to_dict(), task,
+                    student_model_config)
+  s_layers, t_layers = student_model_config.num_layers, teacher.model_config.num_layers
+  layer_map = tuple(options.layer_map) or uniform_layer_map(s_layers, t_layers)
+  if len(layer_map) != s_layers or not all(0 <= i < t_layers for i in layer_map):
+    raise ValueError(f"distill.layer_map={tuple(options.layer_map)} must give one teacher "
+                     f"layer (0..{t_layers - 1}) for each of the student's {s_layers} layers")
+  token_losses = options.hidden_weight or options.attention_weight
+  if token_losses and student_model_config.kind != "classifier":
+    raise ValueError("distill.hidden_weight / attention_weight need model.kind='classifier' "
+                     f"(this student is {student_model_config.kind!r})")
+  if token_losses and student_model_config.emb_dim != teacher.model_config.emb_dim:
+    raise ValueError(
+        f"distill.hidden_weight / attention_weight compare layer outputs, which needs equal "
+        f"model.emb_dim (teacher {teacher.model_config.emb_dim}, student "
+        f"{student_model_config.emb_dim}); a learned projection between widths is not "
+        "implemented yet")
+  if token_losses and student_model_config.pool != teacher.model_config.pool:
+    raise ValueError(f"distill.hidden_weight / attention_weight need the same model.pool "
+                     f"(teacher {teacher.model_config.pool!r}, student "
+                     f"{student_model_config.pool!r}): the CLS token shifts positions")
+  objective = Distillation(student_model, teacher.model, options, layer_map)
+  return objective, teacher

@@ -1,0 +1,197 @@
+"""Distillation in the one training loop: the losses against hand computations, the
+teacher kept out of the student's state, student initialisation, resume, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import ml_collections
+
+from effx import cli, distill, models, trainer
+from conftest import CONFIGS, tiny_config
+
+
+def _model(**overrides):
+  config = dict(kind="classifier", vocab_size=16, max_len=24, num_classes=10, num_layers=2,
+                emb_dim=16, num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0,
+                attention_dropout_rate=0.0, pool="cls")
+  config.update(overrides)
+  model_config = models.model_config(config)
+  return model_config, models.build(model_config)
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(1, 16, size=(3, 24)).astype(np.int32)
+  inputs[1, 15:] = 0  # padding
+  return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray([1, 7, 3], jnp.int32)}
+
+
+def _options(**weights):
+  values = {**distill.DEFAULTS, "teacher_workdir": "x", "kd_weight": 0.0, "ce_weight": 0.0}
+  values.update(weights)
+  return ml_collections.ConfigDict(values)
+
+
+def _init(model, seed):
+  return model.init(jax.random.PRNGKey(seed), _batch()["inputs"])["params"]
+
+
+def test_kd_loss_is_hintons_with_t_squared():
+  _, student = _model()
+  _, teacher = _model(num_layers=3)
+  s_params, t_params = _init(student, 0), _init(teacher, 1)
+  batch = _batch()
+  objective = distill.Distillation(student, teacher, _options(kd_weight=1.0, temperature=3.0),
+                                   (0, 2))
+  loss, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(5),
+                                     {"params": t_params, "model_state": {}})
+  s = np.asarray(student.apply({"params": s_params}, batch["inputs"])[0], np.float64)
+  t = np.asarray(teacher.apply({"params": t_params}, batch["inputs"])[0], np.float64)
+
+  def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+  log_p_s, log_p_t = log_softmax(s / 3.0), log_softmax(t / 3.0)
+  expected = 9.0 * np.mean(np.sum(np.exp(log_p_t) * (log_p_t - log_p_s), axis=-1))
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
+  assert float(values["kd"]) == pytest.approx(expected, rel=1e-5)
+  ce = -np.mean(log_softmax(s)[np.arange(3), np.asarray(batch["targets"])])
+  assert float(values["ce"]) == pytest.approx(ce, rel=1e-5)
+
+
+@pytest.mark.parametrize("hidden_loss", ["mse", "cosine"])
+def test_every_loss_is_zero_when_the_student_is_the_teacher(hidden_loss):
+  _, model = _model()
+  params = _init(model, 0)
+  objective = distill.Distillation(
+      model, model, _options(kd_weight=1.0, hidden_weight=1.0, attention_weight=1.0,
+                             hidden_loss=hidden_loss), (0, 1))
+  loss, (values, _) = objective.loss(params, {}, _batch(), jax.random.PRNGKey(0),
+                                     {"params": params, "model_state": {}})
+  for name in ("kd", "hidden", "attention"):
+    assert abs(float(values[name])) < 1e-5, (name, values)
+  assert abs(float(loss)) < 1e-5
+
+
+def test_hidden_loss_is_a_mean_over_real_tokens():
+  _, model = _model()
+  params = _init(model, 0)
+  objective = distill.Distillation(model, model, _options(hidden_weight=1.0), (0, 1))
+  batch = _batch()
+  other = jax.tree.map(lambda x: x * 1.5, params)
+  _, (values, _) = objective.loss(other, {}, batch, jax.random.PRNGKey(0),
+                                  {"params": params, "model_state": {}})
+  s_h = model.apply({"params": other}, batch["inputs"])[1]
+  t_h = model.apply({"params": params}, batch["inputs"])[1]
+  sq = np.mean(np.square(np.asarray(s_h["hidden"]) - np.asarray(t_h["hidden"])), axis=-1)
+  mask = np.asarray(s_h["mask"], np.float64)
+  expected = np.sum(sq * mask[None]) / (mask.sum() * 2)
+  assert float(values["hidden"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_uniform_layer_map():
+  assert distill.uniform_layer_map(2, 4) == (1, 3)
+  assert distill.uniform_layer_map(3, 6) == (1, 3, 5)
+  assert distill.uniform_layer_map(1, 2) == (1,)
+  assert distill.uniform_layer_map(2, 2) == (0, 1)
+  assert distill.uniform_layer_map(3, 4) == (0, 1, 3)
+
+
+def test_student_starts_from_the_teachers_mapped_layers():
+  _, student = _model(num_layers=2, attention="local", attention_kwargs={"window": 4})
+  _, teacher = _model(num_layers=4)
+  s_params, t_params = _init(student, 0), _init(teacher, 1)
+  params, kept = distill.init_student(s_params, t_params, (1, 3))
+  assert kept == []  # a parameter-free family: the same tree as dense
+  flat_s = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat_t = dict(jax.tree_util.tree_flatten_with_path(t_params)[0])
+  for path, leaf in flat_s:
+    source = np.asarray(flat_t[path])
+    if any(getattr(k, "key", None) == "layers" for k in path):
+      source = source[[1, 3]]
+    np.testing.assert_array_equal(np.asarray(leaf), source, err_msg=str(path))
+  _, wider = _model(num_layers=2, mlp_dim=64)
+  with pytest.raises(ValueError, match="mlp.*same widths"):
+    distill.init_student(_init(wider, 0), t_params, (1, 3))
+  _, linformer = _model(num_layers=2, attention="linformer", attention_kwargs={"k": 8})
+  _, kept = distill.init_student(_init(linformer, 0), t_params, (1, 3))
+  assert kept and all("attention" in name for name in kept)
+
+
+def _teacher(tmp_path, **overrides):
+  workdir = tmp_path / "teacher"
+  trainer.train_and_evaluate(tiny_config("lra_listops", num_train_steps=10,
+                                         **{"model.num_layers": 2, **overrides}), str(workdir))
+  return str(workdir)
+
+
+def _student(teacher, **overrides):
+  return tiny_config("lra_listops", **{"num_train_steps": 10,
+                                       "distill.teacher_workdir": teacher, **overrides})
+
+
+def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(tmp_path):
+  teacher = _teacher(tmp_path)
+  options = {"distill.hidden_weight": 0.5, "distill.attention_weight": 0.5,
+             "distill.init_from_teacher": True, "model.num_layers": 1}
+  straight = trainer.train_and_evaluate(_student(teacher, num_train_steps=20, **options),
+                                        str(tmp_path / "straight"))
+  trainer.train_and_evaluate(_student(teacher, **options), str(tmp_path / "resumed"))
+  resumed = trainer.train_and_evaluate(_student(teacher, num_train_steps=20, **options),
+                                       str(tmp_path / "resumed"))
+  assert straight["final_train_loss"] == resumed["final_train_loss"]
+  a = ocp.StandardCheckpointer().restore(tmp_path / "straight" / "checkpoints" / "20" / "state")
+  b = ocp.StandardCheckpointer().restore(tmp_path / "resumed" / "checkpoints" / "20" / "state")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # The checkpoint holds the one-layer student only.
+  layer_leaves = [v for p, v in jax.tree_util.tree_flatten_with_path(a["params"])[0]
+                  if "layers" in jax.tree_util.keystr(p)]
+  assert layer_leaves and all(v.shape[0] == 1 for v in layer_leaves)
+  record = json.loads((tmp_path / "straight" / "teacher.json").read_text())
+  assert record["workdir"] == teacher and len(record["params_sha256"]) == 64
+  rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+  train = [r for r in rows if r["split"] == "train"]
+  assert {"kd", "ce", "hidden", "attention", "accuracy"} <= set(train[0])
+
+
+def test_a_changed_teacher_is_refused_on_resume(tmp_path):
+  teacher = _teacher(tmp_path)
+  trainer.train_and_evaluate(_student(teacher), str(tmp_path / "student"))
+  record = tmp_path / "student" / "teacher.json"
+  values = json.loads(record.read_text())
+  record.write_text(json.dumps({**values, "params_sha256": "0" * 64}))
+  with pytest.raises(ValueError, match="not the one this run was distilled from"):
+    trainer.train_and_evaluate(_student(teacher, num_train_steps=12), str(tmp_path / "student"))
+
+
+def test_bad_teachers_and_options_say_what_is_wrong(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such folder"):
+    trainer.Run(_student(str(tmp_path / "nowhere")))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="not an effx.train workdir"):
+    trainer.Run(_student(str(tmp_path / "empty")))
+  teacher = _teacher(tmp_path)
+  with pytest.raises(ValueError, match="other data: data.num_train=500 .student: 200"):
+    trainer.Run(_student(teacher, **{"data.num_train": 200}))
+  pathfinder = tiny_config("lra_pathfinder", **{"distill.teacher_workdir": teacher})
+  with pytest.raises(ValueError, match="data.task='listops'; the student's task is"):
+    trainer.Run(pathfinder)
+  with pytest.raises(ValueError, match="needs equal model.emb_dim"):
+    trainer.Run(_student(teacher, **{"distill.hidden_weight": 1.0, "model.emb_dim": 16,
+                                     "model.qkv_dim": 16}))
+  with pytest.raises(ValueError, match="layer_map=.5,. must give one teacher layer"):
+    trainer.Run(_student(teacher, **{"distill.layer_map": (5,), "model.num_layers": 1}))
+  with pytest.raises(ValueError, match="distill.kd_weight set but distill.teacher_workdir "
+                                       "is empty"):
+    trainer.check_config(tiny_config("lra_listops", **{"distill.kd_weight": 2.0}))
+  with pytest.raises(ValueError, match="distill.hidden_loss='l1'"):
+    trainer.check_config(_student(teacher, **{"distill.hidden_loss": "l1"}))
+  with pytest.raises(ValueError, match="distill.teacher_workdir is not set"):
+    trainer.check_config(cli.load_config(f"{CONFIGS}/distill_listops.py:tiny"))
