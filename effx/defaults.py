@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from effx import data as data_lib
-from effx import distill
+from effx import distill, prune
 
 SIZES = ("full", "small", "tiny")
 
@@ -54,6 +54,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(data_lib.defaults(task))
   # Distillation from a finished run (effx.distill); teacher_workdir "" keeps it off.
   c.distill = distill.defaults()
+  # Magnitude pruning during training (effx.prune); method "none" keeps it off.
+  c.prune = prune.defaults()
   return c
 
 

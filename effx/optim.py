@@ -45,4 +45,6 @@ def optimizer(config) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                            weight_decay=config.weight_decay, mask=_decay_mask))
-  return optax.chain(*parts)
+  from effx import prune  # noqa: PLC0415
+
+  return prune.wrap(optax.chain(*parts), config)

@@ -32,7 +32,7 @@ import numpy as np
 
 from effx import checkpoint as ckpt
 from effx import data as data_lib
-from effx import defaults, distill, metrics, models, objectives, optim, sharding, steps
+from effx import defaults, distill, metrics, models, objectives, optim, prune, sharding, steps
 from effx import workdir as workdir_lib
 from effx.data import pipeline
 
@@ -53,7 +53,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}; "
                      f"valid keys: {', '.join(base.keys())}")
   for key, default in base.items():
-    if key in ("model", "data", "mesh", "sharding_rules", "distill") or key not in config:
+    if key in ("model", "data", "mesh", "sharding_rules", "distill", "prune") or \
+        key not in config:
       continue
     value = config[key]
     if isinstance(default, bool) or isinstance(value, bool):
@@ -79,6 +80,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   optim.schedule(config)  # validates config.schedule
   data_lib.check_config(config.data)
   distill.check_config(config.distill)
+  prune.check_config(config.prune, config.num_train_steps)
   expected_kind = "dual_encoder" if config.data.task == "retrieval" else "classifier"
   if config.model.get("kind", expected_kind) != expected_kind:
     raise ValueError(f"model.kind={config.model.kind!r} does not fit data.task="
@@ -329,6 +331,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   iterator = pipeline.train_iterator(dataset, data_state, threads=config.data_threads)
   stop = _Stop()
   stop.install()
+  # A pruned run's best checkpoint must have its final sparsity: chosen after pruning ends.
+  best_from = (prune.window(config.prune, config.num_train_steps)[1]
+               if config.prune.method != "none" else 0)
   progress = metrics.Progress(start, config.num_train_steps, config.batch_size,
                               objective.progress)
   pending: list[dict[str, jax.Array]] = []
@@ -370,13 +375,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if evaluate:
         result = run.evaluate(state.params, state.model_state, "validation",
                               limit=config.max_eval_examples or None)
+        if config.prune.method != "none":
+          result["sparsity"] = prune.sparsity(jax.device_get(state.params), config.prune.include,
+                                              config.prune.exclude)["all"]
         writer.write(step, "validation", {k: v for k, v in result.items() if k != "examples"})
         if not np.isfinite(result["loss"]):  # finite but diverged parameters
           diverged("validation loss", result["loss"], step)
         name, value = objective.best_metric, result[objective.best_metric]
         progress.message(f"step {step}: validation {name} {value:.4f}")
         best = meta["best_value"]
-        if best is None or (value > best if objective.higher_is_better else value < best):
+        better = best is None or (value > best if objective.higher_is_better else value < best)
+        if better and step >= best_from:
           meta = {"best_value": value, "best_step": step}
           checkpoints.save_best(step, {"params": state.params, "model_state": state.model_state})
       if save or stop.requested:
@@ -426,6 +435,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "config": config_values,
   }
+  if config.prune.method != "none":
+    results["sparsity"] = prune.sparsity(jax.device_get(state.params), config.prune.include,
+                                         config.prune.exclude)
   results["sessions"] = sessions.all()
   if jax.process_index() == 0:
     workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
