@@ -36,24 +36,50 @@ class Checkpoints:
                                              enable_async_checkpointing=asynchronous))
     self.best = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "best"), item_names=("params",),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                              enable_async_checkpointing=False))
+    # step of each regular checkpoint -> the best step its bookkeeping points at: a best
+    # is deleted only when no kept checkpoint points at it (see ``keep_referenced_best``).
+    self._best_of: dict[int, int] = {}
 
   def save(self, step: int, state, data_state: dict, meta: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
+    self._best_of[step] = int(meta.get("best_step", -1))
+    self.keep_referenced_best(step)
+
+  def read_best_references(self) -> None:
+    """Learns which best step each kept checkpoint points at (on resume)."""
+    for step in self.manager.all_steps():
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+        self._best_of[step] = int(meta.get("best_step", -1))
+      except Exception:  # noqa: BLE001 (a damaged step: its best is kept, harmlessly)
+        continue
+
+  def keep_referenced_best(self, newest: int) -> None:
+    """Deletes best checkpoints that no kept regular checkpoint points at and that are
+    not newer than ``newest`` (a newer one is the run's current best)."""
+    kept = set(self.manager.all_steps()) | {newest}
+    referenced = {b for s, b in self._best_of.items() if s in kept}
+    for old in self.best.all_steps():  # every host calls delete: orbax coordinates it
+      if old not in referenced and old <= newest:
+        self.best.delete(old)
 
   def restore_latest(self, abstract_state) -> tuple[Any, dict, dict, int] | None:
     """Newest checkpoint that restores: ``(state, data_state, meta, step)``, or None.
 
-    A checkpoint that cannot be read (half-deleted, corrupted) is reported, the next
-    older one tried, and the damaged folder renamed ``<step>.damaged`` (kept for
-    inspection, out of the way of the resumed run's saves). A readable checkpoint of a
-    different model (other parameter names or shapes) is not damaged: it raises
-    ``StructureMismatchError`` naming the differences, and nothing is moved.
+    A checkpoint that cannot be read (half-deleted, corrupted) is reported and the next
+    older one tried; once an older one restores, the damaged folders are renamed
+    ``<step>.damaged`` (kept for inspection, out of the way of the resumed run's saves).
+    When none restores, nothing is moved and ``CheckpointError`` names each failure: the
+    cause may be passing (memory, a network file system), and starting over would
+    overwrite the run. A readable checkpoint of a different model (other parameter
+    names or shapes) raises ``StructureMismatchError`` naming the differences.
     """
-    damaged = []
+    damaged, errors = [], []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -66,15 +92,19 @@ class Checkpoints:
           raise StructureMismatchError(
               f"checkpoint {self.directory}/{step} holds a different model than this "
               f"config builds:\n" + "\n".join(f"  {line}" for line in mismatch) +
-              "\nUse another --workdir (or --config.init_checkpoint to start from the "
-              "parameters the two models share)") from None
+              "\nUse another --workdir for this config") from None
         logging.error("checkpoint %s/%d failed to restore (%s: %s); trying an older one",
                       self.directory, step, type(error).__name__, str(error)[:500])
         damaged.append(step)
+        errors.append(f"  step {step}: {type(error).__name__}: {str(error)[:200]}")
         continue
       self._set_aside(damaged)
       return restored.state, restored.data, restored.meta, step
-    self._set_aside(damaged)
+    if damaged:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} restores (nothing was moved or deleted):\n"
+          + "\n".join(errors) + "\nIf they are damaged for good, move them away and rerun "
+          "to start over, or use another --workdir")
     return None
 
   def _mismatch(self, step: int, abstract_state) -> list[str]:
@@ -116,8 +146,11 @@ class Checkpoints:
     if jax.process_index() == 0:
       for step in steps:
         path = os.path.join(self.directory, str(step))
-        os.replace(path, f"{path}.damaged")
-        logging.error("moved the damaged checkpoint to %s.damaged", path)
+        target, n = f"{path}.damaged", 1
+        while os.path.exists(target):  # set aside before, by an earlier resume
+          target, n = f"{path}.damaged{n}", n + 1
+        os.replace(path, target)
+        logging.error("moved the damaged checkpoint to %s", target)
     multihost_utils.sync_global_devices("effx_checkpoint_set_aside")
     self.manager.reload()
 
@@ -144,6 +177,10 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
     self.best.close()
+
+
+class CheckpointError(OSError):
+  """No checkpoint of a run restores."""
 
 
 class StructureMismatchError(ValueError):

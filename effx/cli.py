@@ -107,8 +107,8 @@ TRACEBACK_ENV = "EFFX_TRACEBACK"
 
 def user_errors_in_one_line(main: Callable[..., None]) -> Callable[..., None]:
   """Wraps an entry point: a user error prints ``error: <message>`` to stderr and exits
-  with status 1, without a traceback unless ``EFFX_TRACEBACK=1``; Ctrl-C before the run
-  could checkpoint exits with status 130 and one line."""
+  with status 1, without a traceback unless ``EFFX_TRACEBACK=1``; Ctrl-C outside the
+  training loop (which checkpoints on it) exits with status 130 and one line."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
@@ -122,7 +122,8 @@ def user_errors_in_one_line(main: Callable[..., None]) -> Callable[..., None]:
                        f"({TRACEBACK_ENV}=1 shows the traceback)\n")
       sys.exit(1)
     except KeyboardInterrupt:
-      sys.stderr.write("interrupted before the first checkpoint could be written\n")
+      sys.stderr.write("interrupted outside the training loop (while starting or testing); "
+                       "rerun the same command to resume from the newest checkpoint\n")
       sys.exit(130)
 
   return wrapped

@@ -18,8 +18,12 @@ tokens only):
   ``layer_map`` assigns to it, ``hidden_loss="mse"`` (TinyBERT) or ``"cosine"``
   (DistilBERT: 1 - cos). Needs equal ``emb_dim``.
 * ``attention_weight``: attention-output transfer (each student layer's attention
-  sub-block output against its teacher layer's on the same input, MSE), the loss that
-  turns a softmax model into an efficient-attention one (T2R, Hedgehog, LoLCATs).
+  sub-block output against its teacher layer's, MSE, each model on its own layer
+  input), the loss that turns a softmax model into an efficient-attention one (T2R,
+  Hedgehog, LoLCATs).
+
+The student's layer outputs are taken in training mode (with its dropout), the
+teacher's at evaluation: with dropout on, the token losses carry that noise.
 
 ``layer_map`` (default uniform): student layer i learns from teacher layer
 ``(i + 1) · k - 1`` with ``k = teacher layers / student layers``. With
@@ -310,6 +314,9 @@ def setup(config, task, student_model_config, student_model):
   if len(layer_map) != s_layers or not all(0 <= i < t_layers for i in layer_map):
     raise ValueError(f"distill.layer_map={tuple(options.layer_map)} must give one teacher "
                      f"layer (0..{t_layers - 1}) for each of the student's {s_layers} layers")
+  if options.init_from_teacher and config.init_checkpoint:
+    raise ValueError("config.init_checkpoint and distill.init_from_teacher both say where "
+                     "the student starts: set one")
   token_losses = options.hidden_weight or options.attention_weight
   if token_losses and student_model_config.kind != "classifier":
     raise ValueError("distill.hidden_weight / attention_weight need model.kind='classifier' "

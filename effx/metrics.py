@@ -37,7 +37,8 @@ class Writer:
 
       tb_dir = os.path.join(workdir, "tensorboard")
       old_events = glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))
-      self._tb = SummaryWriter(tb_dir)
+      # A name of its own: an old file of the same name would be truncated, then deleted.
+      self._tb = SummaryWriter(tb_dir, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
       for row in kept:
         for name, value in row.items():
           if name not in ("step", "split"):

@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 METHODS = ("none", "magnitude")
@@ -173,8 +172,9 @@ def magnitude_pruning(inner: optax.GradientTransformation, *, initial: float, ta
     refresh = ((count >= start) & ((count - start) % update_every == 0)
                & (count <= end)) | (count == end)
     sparsity = sparsity_at(count, initial=initial, target=target, start=start, end=end)
-    fresh = keep_masks(new_params, list(state.masks), sparsity, scope)
-    masks = {k: jnp.where(refresh, fresh[k], state.masks[k]) for k in state.masks}
+    # Sorting every pruned weight is the costly part: only on the steps that refresh.
+    masks = jax.lax.cond(refresh, lambda: keep_masks(new_params, list(state.masks), sparsity,
+                                                     scope), lambda: state.masks)
     flat, tree = jax.tree_util.tree_flatten_with_path(new_params)
     pruned = [jnp.where(masks[path_name(p)], leaf, 0).astype(leaf.dtype)
               if path_name(p) in masks else leaf for p, leaf in flat]
@@ -197,20 +197,20 @@ def wrap(tx: optax.GradientTransformation, config) -> optax.GradientTransformati
 
 
 def sparsity(params, include: str, exclude: str) -> dict[str, float]:
-  """Fraction of zeros in each pruned parameter (host values), per layer for stacked
-  ones (``name[i]``), and ``"all"`` over every pruned weight."""
+  """Fraction of zeros in each pruned parameter, per layer for stacked ones
+  (``name[i]``), and ``"all"`` over every pruned weight. Computed where the parameters
+  live (sharded over hosts or not)."""
   names = set(chosen_names(params, include, exclude))
-  out, zeros, total = {}, 0, 0
+  out, zeros, total = {}, 0.0, 0
   for name, leaf, layered in named_leaves(params):
     if name not in names:
       continue
-    leaf = np.asarray(leaf)
     if layered:
-      for i in range(leaf.shape[0]):
-        out[f"{name}[{i}]"] = float(np.mean(leaf[i] == 0))
+      per_layer = jnp.mean((leaf == 0).reshape(leaf.shape[0], -1), axis=1)
+      out.update({f"{name}[{i}]": float(v) for i, v in enumerate(jax.device_get(per_layer))})
     else:
-      out[name] = float(np.mean(leaf == 0))
-    zeros += int(np.sum(leaf == 0))
+      out[name] = float(jnp.mean(leaf == 0))
+    zeros += float(jnp.sum(leaf == 0))
     total += leaf.size
   out["all"] = zeros / max(total, 1)
   return out

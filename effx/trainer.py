@@ -266,7 +266,14 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path, encoding="utf-8") as f:
     values = json.load(f)
   values["sharding_rules"] = tuple(tuple(r) for r in values["sharding_rules"])
-  return ml_collections.ConfigDict(values)
+  config = ml_collections.ConfigDict(values)
+  # Sections added to effx after the run was made take their defaults (they were off).
+  base = defaults.base(config.data.task)
+  with config.unlocked():
+    for section in ("distill", "prune"):
+      if section not in config:
+        config[section] = base[section]
+  return config
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -285,6 +292,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
     checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
     restored = checkpoints.restore_latest(run.abstract_state)
+    reached = workdir_lib.steps_reached(workdir)
+    if restored is None and reached > 0:
+      raise ckpt.CheckpointError(
+          f"workdir {workdir} holds a run that reached step {reached} (sessions.json) but "
+          f"no checkpoint in {checkpoints.directory}; starting over would overwrite its "
+          "logs and results. Use another --workdir, or put the checkpoints back")
   except BaseException:
     # A failed start leaves no half-made workdir behind (only one it created itself).
     if created and jax.process_index() == 0:
@@ -298,6 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       meta["best_value"] = meta.pop("best_accuracy")
     last_train = {"loss": meta.pop("train_loss", float("nan"))}
     checkpoints.drop_best_after(start)
+    checkpoints.read_best_references()
     logging.info("resumed from %s at step %d", checkpoints.directory, start)
     for key, (old, new) in changes.items():
       logging.info("config.%s changed from %r to %r (recorded in sessions.json)", key, old,
@@ -340,10 +354,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_good, step = start, start
 
   def diverged(what: str, value: float, at: int):
+    kept = (f"The last good checkpoint (step {last_good}) is kept in {checkpoints.directory}."
+            if last_good > 0 else "No checkpoint was saved before it.")
     raise FloatingPointError(
-        f"{what} is {value} at step {at}; stopping. The last good checkpoint (step "
-        f"{last_good}) is kept in {checkpoints.directory}. Lower config.learning_rate, set "
-        "config.grad_clip_norm, or use config.model.dtype='float32'.")
+        f"{what} is {value} at step {at}; stopping. {kept} Rerun in another --workdir with "
+        "a lower config.learning_rate, config.grad_clip_norm set or config.model.dtype="
+        "'float32' (add --config.init_checkpoint=<this workdir> to start from its "
+        "parameters).")
 
   def drain() -> dict[str, float]:
     """Averages the metrics since the last report; stops on a non-finite loss or
@@ -376,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         result = run.evaluate(state.params, state.model_state, "validation",
                               limit=config.max_eval_examples or None)
         if config.prune.method != "none":
-          result["sparsity"] = prune.sparsity(jax.device_get(state.params), config.prune.include,
+          result["sparsity"] = prune.sparsity(state.params, config.prune.include,
                                               config.prune.exclude)["all"]
         writer.write(step, "validation", {k: v for k, v in result.items() if k != "examples"})
         if not np.isfinite(result["loss"]):  # finite but diverged parameters
@@ -436,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "config": config_values,
   }
   if config.prune.method != "none":
-    results["sparsity"] = prune.sparsity(jax.device_get(state.params), config.prune.include,
+    results["sparsity"] = prune.sparsity(state.params, config.prune.include,
                                          config.prune.exclude)
   results["sessions"] = sessions.all()
   if jax.process_index() == 0:

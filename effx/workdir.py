@@ -40,6 +40,8 @@ def write_json_atomic(path: str, value: Any) -> None:
   with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False,
                                    encoding="utf-8") as f:
     json.dump(value, f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
   os.chmod(f.name, 0o644)
   os.replace(f.name, path)
 
@@ -87,17 +89,23 @@ def check_resume(workdir: str, config_values: dict[str, Any],
                      and _normalise(added[k]) == _normalise(v[1]))}
   harmful = {k: v for k, v in changed.items() if k not in HARMLESS}
   schedule = config_values.get("schedule")
-  if "num_train_steps" in changed and schedule == "cosine":
-    # The cosine schedule ends at num_train_steps: a new length changes every step's rate.
+  prune = config_values.get("prune", {})
+  if "num_train_steps" in changed and (schedule == "cosine" or (
+      prune.get("method", "none") != "none" and not prune.get("end_step"))):
+    # The cosine schedule ends at num_train_steps, and pruning by default at 80% of it:
+    # a new length changes every step's learning rate or sparsity.
     harmful["num_train_steps"] = changed["num_train_steps"]
   if harmful:
     lines = "\n".join(f"  {k}: {old!r} (stored) -> {new!r} (now)"
                       for k, (old, new) in harmful.items())
+    checkpoints = os.path.join(workdir, "checkpoints")
+    saved = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    ways_out = (f"Use another --workdir, or start a new run from this one's parameters with "
+                f"--workdir=<new> --config.init_checkpoint={workdir}" if saved else
+                "It has no checkpoint yet: use another --workdir, or delete this one")
     raise ConfigMismatchError(
         f"workdir {workdir} holds a run started with a different config; resuming it "
-        f"under this one would change its results:\n{lines}\n"
-        f"Use another --workdir, or start a new run from this one's parameters with "
-        f"--workdir=<new> --config.init_checkpoint={workdir}")
+        f"under this one would change its results:\n{lines}\n{ways_out}")
   return changed
 
 
@@ -133,3 +141,12 @@ class Sessions:
 
   def all(self) -> list[dict[str, Any]]:
     return [*self.previous, self.current]
+
+
+def steps_reached(workdir: str) -> int:
+  """The furthest step any session of the run in ``workdir`` reached (0: none)."""
+  path = os.path.join(workdir, "sessions.json")
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    return max((int(s.get("step", 0)) for s in json.load(f)), default=0)

@@ -367,3 +367,50 @@ def test_a_second_signal_exits_at_once(monkeypatch, capsys):
   stop(signal.SIGINT, None)
   assert exits == [130]
   assert "SIGINT again: exiting now" in capsys.readouterr().err
+
+
+def test_no_restorable_checkpoint_stops_instead_of_starting_over(tmp_path):
+  config = tiny_config("lra_listops", num_train_steps=20)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  for step in ("10", "20"):
+    for path in (tmp_path / "checkpoints" / step / "state").rglob("*"):
+      if path.is_file():
+        path.write_bytes(b"garbage")
+  before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* restores .nothing was"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+  shutil.rmtree(tmp_path / "checkpoints")  # gone altogether: the run's history says 20
+  with pytest.raises(ckpt.CheckpointError, match="reached step 20 .* but no checkpoint"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / "results.json").exists()
+
+
+def test_a_best_checkpoint_lives_while_a_kept_checkpoint_points_at_it(tmp_path):
+  checkpoints = ckpt.Checkpoints(str(tmp_path), keep=2, asynchronous=False)
+  state, params = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
+  checkpoints.save_best(5, params)
+  checkpoints.save(10, state, {}, {"best_step": 5})
+  checkpoints.save_best(15, params)  # a new best after the checkpoint of step 10
+  assert checkpoints.best.all_steps() == [5, 15]  # resuming from 10 needs best 5
+  checkpoints.save(20, state, {}, {"best_step": 15})
+  assert sorted(checkpoints.best.all_steps()) == [5, 15]
+  checkpoints.save(30, state, {}, {"best_step": 15})  # checkpoint 10 is gone now
+  assert checkpoints.best.all_steps() == [15]
+  checkpoints.close()
+
+
+def test_old_workdirs_evaluate_and_pruning_length_is_not_harmless(tmp_path):
+  config = tiny_config("lra_listops", num_train_steps=10)
+  trainer.train_and_evaluate(config, str(tmp_path / "old"))
+  stored = json.loads((tmp_path / "old" / "config.json").read_text())
+  del stored["distill"], stored["prune"]  # a run made before these sections existed
+  (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
+  assert evaluate_workdir(str(tmp_path / "old"), "test")["step"] == 10
+  longer = tiny_config("lra_listops", num_train_steps=20)
+  assert trainer.train_and_evaluate(longer, str(tmp_path / "old"))["step"] == 20
+  pruned = tiny_config("lra_listops", num_train_steps=10, **{"prune.method": "magnitude"})
+  trainer.train_and_evaluate(pruned, str(tmp_path / "pruned"))
+  pruned.num_train_steps = 20  # pruning ends at 80% of training: the schedule would move
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="num_train_steps: 10"):
+    trainer.train_and_evaluate(pruned, str(tmp_path / "pruned"))
