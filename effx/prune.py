@@ -1,8 +1,9 @@
-"""Magnitude pruning on Zhu & Gupta's schedule, as an optax wrapper.
+"""Magnitude and movement pruning on Zhu & Gupta's schedule, as an optax wrapper.
 
 ``config.prune`` (``method="none"``: off). With ``method="magnitude"``, after each
 optimizer update the smallest-magnitude weights of the selected parameters are set to
-zero; the masks are recomputed every ``update_every`` steps between ``start_step`` and
+zero; with ``method="movement"`` (Sanh et al. 2020) those with the lowest movement
+scores (see ``pruning``). The masks are recomputed every ``update_every`` steps between ``start_step`` and
 ``end_step`` at the sparsity of Zhu & Gupta's (2017) cubic schedule
 
     s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (t_end - t_0))^3,
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-METHODS = ("none", "magnitude")
+METHODS = ("none", "magnitude", "movement")
 SCOPES = ("layer", "global")
 DEFAULTS = dict(method="none", target_sparsity=0.8, initial_sparsity=0.0, start_step=0,
                 end_step=0, update_every=100, scope="layer", include=r"kernel$",
@@ -113,76 +114,123 @@ def chosen_names(params, include: str, exclude: str) -> list[str]:
 
 
 def _threshold(values, sparsity):
-  """The k-th smallest of ``values`` (k = floor(sparsity * size)); -1 when k = 0."""
+  """The k-th smallest of ``values`` (k = floor(sparsity * size)); -inf when k = 0."""
   flat = jnp.sort(values.reshape(-1))
   k = jnp.floor(sparsity * flat.size).astype(jnp.int32)
-  return jnp.where(k > 0, flat[jnp.maximum(k - 1, 0)], -1.0)
+  return jnp.where(k > 0, flat[jnp.maximum(k - 1, 0)], -jnp.inf)
 
 
-def keep_masks(params, names: list[str], sparsity, scope: str) -> dict[str, jax.Array]:
-  """``{name: bool mask}`` keeping the largest-magnitude ``1 - sparsity`` of each named
-  weight matrix (per layer of a layer-stacked one), or of all of them together when
-  ``scope="global"`` (everything at or below the cut goes)."""
-  leaves = {name: (leaf, layered) for name, leaf, layered in named_leaves(params)
-            if name in names}
+def keep_masks(scores: dict[str, tuple[jax.Array, bool]], sparsity,
+               scope: str) -> dict[str, jax.Array]:
+  """``{name: bool mask}`` keeping the highest-scoring ``1 - sparsity`` of each weight
+  matrix (``scores[name] = (score array, layer-stacked)``; per layer of a stacked one),
+  or of all of them together when ``scope="global"`` (everything at or below the cut
+  goes)."""
   if scope == "global":
-    cut = _threshold(jnp.concatenate([jnp.abs(leaf).reshape(-1)
-                                      for leaf, _ in leaves.values()]), sparsity)
-    return {name: jnp.abs(leaf) > cut for name, (leaf, _) in leaves.items()}
+    cut = _threshold(jnp.concatenate([v.reshape(-1) for v, _ in scores.values()]), sparsity)
+    return {name: v > cut for name, (v, _) in scores.items()}
   masks = {}
-  for name, (leaf, layered) in leaves.items():
-    magnitude = jnp.abs(leaf)
+  for name, (v, layered) in scores.items():
     if layered:
-      cuts = jax.vmap(lambda m: _threshold(m, sparsity))(magnitude)
-      masks[name] = magnitude > cuts.reshape((-1,) + (1,) * (leaf.ndim - 1))
+      cuts = jax.vmap(lambda m: _threshold(m, sparsity))(v)
+      masks[name] = v > cuts.reshape((-1,) + (1,) * (v.ndim - 1))
     else:
-      masks[name] = magnitude > _threshold(magnitude, sparsity)
+      masks[name] = v > _threshold(v, sparsity)
   return masks
+
+
+def magnitude_masks(params, names: list[str], sparsity, scope: str) -> dict[str, jax.Array]:
+  """Masks keeping the largest-magnitude weights (see ``keep_masks``)."""
+  return keep_masks({name: (jnp.abs(leaf), layered) for name, leaf, layered
+                     in named_leaves(params) if name in names}, sparsity, scope)
 
 
 class PruneState(NamedTuple):
   count: jax.Array   # int32 []: updates applied
   masks: Any         # {parameter name: bool mask} of the pruned parameters
+  scores: Any        # movement: {name: accumulated -grad * weight}; magnitude: {}
+  dense: Any         # movement: {name: the weights before masking}; magnitude: {}
   inner: Any
 
 
-def magnitude_pruning(inner: optax.GradientTransformation, *, initial: float, target: float,
-                      start: int, end: int, update_every: int, scope: str, include: str,
-                      exclude: str) -> optax.GradientTransformation:
-  """Wraps ``inner`` so that its updated parameters are pruned to the schedule."""
+def pruning(inner: optax.GradientTransformation, *, method: str, initial: float,
+            target: float, start: int, end: int, update_every: int, scope: str, include: str,
+            exclude: str) -> optax.GradientTransformation:
+  """Wraps ``inner`` so that its updated parameters are pruned to the schedule.
+
+  ``method="magnitude"``: masks keep the largest weights; a pruned weight is zero and
+  stays zero while its mask holds. ``method="movement"`` (Sanh et al. 2020, hard top-k):
+  masks keep the highest scores S = -Σ_t ∂L/∂W'·W over the steps so far (W' the masked
+  weights the model uses, W the dense ones, kept in the optimizer state): weights moving
+  away from zero score high. The masked weights get no loss gradient, and a weight whose
+  mask returns continues from its dense value (the straight-through estimator the scores
+  need).
+  """
+  movement = method == "movement"
 
   def init(params):
     names = chosen_names(params, include, exclude)
     if not names:
       raise ValueError(f"prune.include={include!r} / exclude={exclude!r} select no "
                        "parameter")
-    masks = {}
+    masks, scores, dense = {}, {}, {}
     for name, leaf, _ in named_leaves(params):
-      if name in names:  # a boxed parameter's mask shares its sharding
-        masks[name] = (leaf.replace_boxed(jnp.ones(leaf.value.shape, bool)) if _is_box(leaf)
-                       else jnp.ones(leaf.shape, bool))
-    return PruneState(jnp.zeros((), jnp.int32), masks, inner.init(params))
+      if name not in names:
+        continue
+      value = leaf.value if _is_box(leaf) else leaf
+      like = (lambda x, box=leaf: box.replace_boxed(x)) if _is_box(leaf) else (lambda x: x)
+      masks[name] = like(jnp.ones(value.shape, bool))  # a boxed parameter's sharding
+      if movement:
+        scores[name] = like(jnp.zeros(value.shape, jnp.float32))
+        dense[name] = like(value)
+    return PruneState(jnp.zeros((), jnp.int32), masks, scores, dense, inner.init(params))
 
-  def update(updates, state, params=None):
+  def update(grads, state, params=None):
     if params is None:
-      raise ValueError("magnitude pruning needs the parameters (optax.apply_updates order)")
-    updates, inner_state = inner.update(updates, state.inner, params)
-    new_params = optax.apply_updates(params, updates)
+      raise ValueError("pruning needs the parameters (optax.apply_updates order)")
+    flat, tree = jax.tree_util.tree_flatten_with_path(params)
+    grad_leaves = jax.tree.leaves(grads)
+    names = [path_name(p) for p, _ in flat]
+    scores, dense_params, masked_grads = dict(state.scores), [], []
+    for name, (_, leaf), g in zip(names, flat, grad_leaves):
+      if movement and name in state.masks:
+        scores[name] = state.scores[name] - (g * state.dense[name]).astype(jnp.float32)
+        dense_params.append(state.dense[name])
+        masked_grads.append(jnp.where(state.masks[name], g, 0).astype(g.dtype))
+      else:
+        dense_params.append(leaf)
+        masked_grads.append(g)
+    dense_params = jax.tree.unflatten(tree, dense_params)
+    updates, inner_state = inner.update(jax.tree.unflatten(tree, masked_grads), state.inner,
+                                        dense_params)
+    new_dense = optax.apply_updates(dense_params, updates)
     count = state.count + 1
     refresh = ((count >= start) & ((count - start) % update_every == 0)
                & (count <= end)) | (count == end)
     sparsity = sparsity_at(count, initial=initial, target=target, start=start, end=end)
-    # Sorting every pruned weight is the costly part: only on the steps that refresh.
-    masks = jax.lax.cond(refresh, lambda: keep_masks(new_params, list(state.masks), sparsity,
-                                                     scope), lambda: state.masks)
-    flat, tree = jax.tree_util.tree_flatten_with_path(new_params)
+    names_pruned = list(state.masks)
+
+    def fresh():  # sorting every pruned weight is the costly part: only when refreshing
+      if movement:
+        layered = {n: l for n, _, l in named_leaves(new_dense)}
+        return keep_masks({n: (scores[n], layered[n]) for n in names_pruned}, sparsity, scope)
+      return magnitude_masks(new_dense, names_pruned, sparsity, scope)
+
+    masks = jax.lax.cond(refresh, fresh, lambda: state.masks)
+    new_flat = jax.tree_util.tree_flatten_with_path(new_dense)[0]
+    dense = {path_name(p): leaf for p, leaf in new_flat if path_name(p) in state.dense}
     pruned = [jnp.where(masks[path_name(p)], leaf, 0).astype(leaf.dtype)
-              if path_name(p) in masks else leaf for p, leaf in flat]
+              if path_name(p) in masks else leaf for p, leaf in new_flat]
     pruned = jax.tree.unflatten(tree, pruned)
     updates = jax.tree.map(lambda new, old: (new - old).astype(old.dtype), pruned, params)
-    return updates, PruneState(count, masks, inner_state)
+    return updates, PruneState(count, masks, scores, dense, inner_state)
 
   return optax.GradientTransformation(init, update)
+
+
+def magnitude_pruning(inner: optax.GradientTransformation, **options):
+  """``pruning(inner, method="magnitude", ...)``."""
+  return pruning(inner, method="magnitude", **options)
 
 
 def wrap(tx: optax.GradientTransformation, config) -> optax.GradientTransformation:
@@ -191,9 +239,10 @@ def wrap(tx: optax.GradientTransformation, config) -> optax.GradientTransformati
   if prune.method == "none":
     return tx
   start, end = window(prune, config.num_train_steps)
-  return magnitude_pruning(tx, initial=prune.initial_sparsity, target=prune.target_sparsity,
-                           start=start, end=end, update_every=prune.update_every,
-                           scope=prune.scope, include=prune.include, exclude=prune.exclude)
+  return pruning(tx, method=prune.method, initial=prune.initial_sparsity,
+                 target=prune.target_sparsity, start=start, end=end,
+                 update_every=prune.update_every, scope=prune.scope, include=prune.include,
+                 exclude=prune.exclude)
 
 
 def sparsity(params, include: str, exclude: str) -> dict[str, float]:

@@ -30,14 +30,14 @@ def test_masks_keep_the_largest_weights_per_layer_or_globally():
                      "bias": jnp.ones(4)}}
   names = prune.chosen_names(params, r"kernel$", "")
   assert names == ["encoder/layers/w/kernel", "head/kernel"]
-  masks = prune.keep_masks(params, names, 0.7, "layer")
+  masks = prune.magnitude_masks(params, names, 0.7, "layer")
   stacked = np.asarray(params["encoder"]["layers"]["w"]["kernel"])
   for layer in range(2):  # each layer keeps its own 30 largest magnitudes
     kept = np.asarray(masks["encoder/layers/w/kernel"][layer])
     assert kept.sum() == 30
     assert np.abs(stacked[layer][kept]).min() > np.abs(stacked[layer][~kept]).max()
   assert np.asarray(masks["head/kernel"]).sum() == 6
-  both = prune.keep_masks(params, names, 0.7, "global")
+  both = prune.magnitude_masks(params, names, 0.7, "global")
   everything = np.concatenate([np.abs(stacked).ravel(),
                                np.abs(np.asarray(params["head"]["kernel"])).ravel()])
   cut = np.sort(everything)[int(0.7 * everything.size) - 1]
@@ -63,6 +63,34 @@ def test_the_wrapper_prunes_on_schedule_and_holds_the_masks():
   assert seen[0] == 0.0
 
 
+def test_movement_scores_accumulate_minus_gradient_times_weight():
+  """S = -sum_t g_t * W_t with W the dense weights; masked weights get no loss gradient
+  and keep their dense value, and come back with it when their mask does."""
+  w0 = jnp.asarray([[2.0, -1.0], [0.5, 3.0]])
+  params = {"kernel": w0}
+  tx = prune.pruning(optax.sgd(0.1), method="movement", initial=0.0, target=0.5, start=1,
+                     end=2, update_every=1, scope="layer", include="kernel", exclude="")
+  state = tx.init(params)
+  grads = [jnp.asarray([[1.0, 1.0], [-1.0, 0.5]]), jnp.asarray([[0.5, -2.0], [1.0, 1.0]])]
+  dense, expected = w0, jnp.zeros_like(w0)
+  for g in grads:
+    expected = expected - g * dense
+    updates, state = tx.update({"kernel": g}, state, params)
+    params = optax.apply_updates(params, updates)
+    dense = dense - 0.1 * g  # every mask is on during these two steps
+  np.testing.assert_allclose(state.scores["kernel"], expected, rtol=1e-6)
+  kept = np.asarray(state.masks["kernel"])
+  assert kept.sum() == 2  # the two highest scores
+  order = np.argsort(-np.asarray(expected).ravel())[:2]
+  assert set(np.flatnonzero(kept.ravel())) == set(order)
+  np.testing.assert_allclose(np.asarray(params["kernel"])[~kept], 0.0)
+  before = np.asarray(state.dense["kernel"])
+  updates, state = tx.update({"kernel": jnp.ones((2, 2))}, state, params)
+  after = np.asarray(state.dense["kernel"])
+  np.testing.assert_allclose(after[~kept], before[~kept])  # no gradient while masked
+  np.testing.assert_allclose(after[kept], before[kept] - 0.1)
+
+
 def _run(workdir, **overrides):
   config = tiny_config("lra_listops", **{
       "num_train_steps": 30, "checkpoint_every_steps": 5, "keep_checkpoints": 10,
@@ -71,8 +99,9 @@ def _run(workdir, **overrides):
   return trainer.train_and_evaluate(config, str(workdir))
 
 
-def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(tmp_path):
-  straight = _run(tmp_path / "straight")
+@pytest.mark.parametrize("method", ["magnitude", "movement"])
+def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(tmp_path, method):
+  straight = _run(tmp_path / "straight", **{"prune.method": method})
   assert straight["sparsity"]["all"] == pytest.approx(0.8, abs=2e-3)
   per_layer = {k: v for k, v in straight["sparsity"].items() if k != "all"}
   assert per_layer and all(v == pytest.approx(0.8, abs=5e-3) for v in per_layer.values())
@@ -81,7 +110,7 @@ def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(tmp_path):
   shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
   for step in (20, 25, 30):
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
-  resumed = _run(tmp_path / "resumed")
+  resumed = _run(tmp_path / "resumed", **{"prune.method": method})
   assert resumed["sessions"][-1]["start_step"] == 15
   assert resumed["final_train_loss"] == straight["final_train_loss"]
   a = ocp.StandardCheckpointer().restore(tmp_path / "straight" / "checkpoints" / "30" / "state")
@@ -91,7 +120,7 @@ def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ({"prune.method": "movement"}, "prune.method='movement'; one of none, magnitude"),
+    ({"prune.method": "random"}, "prune.method='random'; one of none, magnitude, movement"),
     ({"prune.scope": "row"}, "prune.scope='row'"),
     ({"prune.target_sparsity": 1.0}, r"prune.target_sparsity=1.0 must be in \[0, 1\)"),
     ({"prune.include": "("}, "prune.include='\\(' is not a regular expression"),
