@@ -3,8 +3,8 @@
 ``config.prune`` (``method="none"``: off). With ``method="magnitude"``, after each
 optimizer update the smallest-magnitude weights of the selected parameters are set to
 zero; with ``method="movement"`` (Sanh et al. 2020) those with the lowest movement
-scores (see ``pruning``). The masks are recomputed every ``update_every`` steps between ``start_step`` and
-``end_step`` at the sparsity of Zhu & Gupta's (2017) cubic schedule
+scores (see ``pruning``). The masks are recomputed every ``update_every`` steps between
+``start_step`` and ``end_step`` at the sparsity of Zhu & Gupta's (2017) cubic schedule
 
     s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (t_end - t_0))^3,
 
@@ -212,8 +212,9 @@ def pruning(inner: optax.GradientTransformation, *, method: str, initial: float,
 
     def fresh():  # sorting every pruned weight is the costly part: only when refreshing
       if movement:
-        layered = {n: l for n, _, l in named_leaves(new_dense)}
-        return keep_masks({n: (scores[n], layered[n]) for n in names_pruned}, sparsity, scope)
+        stacked = {n: is_stacked for n, _, is_stacked in named_leaves(new_dense)}
+        return keep_masks({n: (scores[n], stacked[n]) for n in names_pruned}, sparsity,
+                          scope)
       return magnitude_masks(new_dense, names_pruned, sparsity, scope)
 
     masks = jax.lax.cond(refresh, fresh, lambda: state.masks)
