@@ -236,8 +236,8 @@ def magnitude_pruning(inner: optax.GradientTransformation, **options):
 
 def wrap(tx: optax.GradientTransformation, config) -> optax.GradientTransformation:
   """``tx`` with ``config.prune`` applied (unchanged when the method is ``"none"``)."""
-  prune = config.prune
-  if prune.method == "none":
+  prune = config.get("prune")  # a partial config (a benchmark's) has no pruning section
+  if prune is None or prune.method == "none":
     return tx
   start, end = window(prune, config.num_train_steps)
   return pruning(tx, method=prune.method, initial=prune.initial_sparsity,

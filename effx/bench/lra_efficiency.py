@@ -37,7 +37,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   import jax.numpy as jnp  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from effx import models, optim, steps  # noqa: PLC0415
+  from effx import models, objectives, optim, steps  # noqa: PLC0415
 
   length, batch = spec["length"], spec["batch"]
   model = models.build(dict(TEXT_MODEL, max_len=length, attention=spec["family"],
@@ -52,8 +52,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   params = variables.pop("params")
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), model_state=dict(variables))
-  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                   schedule=optim.schedule(config),
+  step = jax.jit(functools.partial(steps.train_step, objective=objectives.Classification(model),
+                                   tx=tx, schedule=optim.schedule(config),
                                    dropout_key=jax.random.PRNGKey(2)), donate_argnums=(0,))
   compiled = step.lower(state, batch_dict).compile()
   temp = int(compiled.memory_analysis().temp_size_in_bytes)
