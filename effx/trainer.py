@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from effx import checkpoint as ckpt
 from effx import data as data_lib
@@ -154,6 +155,17 @@ class _Stop:
       sys.stderr.flush()
       os._exit(128 + signum)
     self.requested = signal.Signals(signum).name
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop: every host must checkpoint the same step
+    (saving is collective), though a signal reaches each one at its own moment."""
+    local = self.requested is not None
+    if jax.process_count() == 1:
+      return local
+    anyone = bool(np.any(multihost_utils.process_allgather(np.asarray(local, np.int32))))
+    if anyone and not local:
+      self.requested = "a signal to another process"
+    return anyone
 
   def install(self) -> None:
     self._previous = {s: signal.signal(s, self) for s in self.SIGNALS}
@@ -375,14 +387,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       diverged(what, values[first][what], step - len(values) + first + 1)
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
+  stopping = False
   try:
-    while step < config.num_train_steps and not stop.requested:
+    while step < config.num_train_steps and not stopping:
       state, step_metrics = run.train_step(state, next(iterator))
       pending.append(step_metrics)
       step += 1
+      stopping = stop.agreed()  # one agreement per step; a later signal stops the next
       done = step == config.num_train_steps
       evaluate = step % config.eval_every_steps == 0 or done
-      save = step % config.checkpoint_every_steps == 0 or done or stop.requested
+      save = step % config.checkpoint_every_steps == 0 or done or stopping
       # Report (and check for NaN) before any evaluation or save, so neither the best
       # checkpoint nor a regular one can hold a diverged state.
       if step % config.log_every_steps == 0 or evaluate or save:
@@ -405,9 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if better and step >= best_from:
           meta = {"best_value": value, "best_step": step}
           checkpoints.save_best(step, {"params": state.params, "model_state": state.model_state})
-      if save or stop.requested:
-        if pending:  # the signal arrived during this step's evaluation
-          last_train = drain()
+      if save:
         checkpoints.save(step, state, iterator.get_state(),
                          {**meta, "train_loss": last_train.get("loss", float("nan"))})
         last_good = step
@@ -420,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress.close()
     checkpoints.wait()
 
-  if stop.requested and step < config.num_train_steps:
+  if stopping and step < config.num_train_steps:
     logging.warning("%s: checkpointed step %d in %s; rerun the same command to resume",
                     stop.requested, step, checkpoints.directory)
     sessions.update(step, "interrupted")

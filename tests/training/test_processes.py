@@ -144,6 +144,24 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert results["step"] == 10 and results["devices"].startswith("4 x")
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
+  """Saving is collective: SIGTERM to process 0 alone must stop both processes at one
+  agreed step with one checkpoint (not deadlock), and the rerun finishes."""
+  port = _free_port()
+  args = [*SHARD_ARGS, "--config.mesh.model=2", "--config.num_train_steps=100000",
+          "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs = [_train(tmp_path, *args, f"--process_id={i}", devices=2) for i in range(2)]
+  _wait_for_training(tmp_path)
+  procs[0].send_signal(signal.SIGTERM)
+  outs = [_finish(p, timeout=240) for p in procs]
+  assert "SIGTERM: checkpointed step" in outs[0]
+  assert "a signal to another process: checkpointed step" in outs[1]
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and all(f"checkpointed step {saved[0]} " in o for o in outs)
+
+
 def _wait_for_training(workdir):
   jsonl = workdir / "metrics.jsonl"
   deadline = time.time() + 240
