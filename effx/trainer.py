@@ -328,6 +328,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for key, (old, new) in changes.items():
       logging.info("config.%s changed from %r to %r (recorded in sessions.json)", key, old,
                    new)
+    if "max_eval_examples" in changes and meta["best_step"] >= 0:
+      # The best so far was measured on the old validation subset: measure it again on
+      # the new one, so later checkpoints are compared with it on equal terms.
+      best = checkpoints.restore_best({"params": run.abstract_state.params,
+                                       "model_state": run.abstract_state.model_state},
+                                      meta["best_step"])
+      meta["best_value"] = run.evaluate(best["params"], best["model_state"], "validation",
+                                        limit=config.max_eval_examples or None)[
+                                            run.objective.best_metric]
+      logging.info("best checkpoint (step %d) re-validated on the new subset: %s %.4f",
+                   meta["best_step"], run.objective.best_metric, meta["best_value"])
   else:
     state, data_state, start, last_train = run.init_state(), None, 0, {}
     if config.init_checkpoint:

@@ -414,3 +414,20 @@ def test_old_workdirs_evaluate_and_pruning_length_is_not_harmless(tmp_path):
   pruned.num_train_steps = 20  # pruning ends at 80% of training: the schedule would move
   with pytest.raises(workdir_lib.ConfigMismatchError, match="num_train_steps: 10"):
     trainer.train_and_evaluate(pruned, str(tmp_path / "pruned"))
+
+
+def test_a_new_validation_subset_revalidates_the_best_checkpoint(tmp_path):
+  """The best value a resumed run compares with is measured on its own subset."""
+  config = tiny_config("lra_listops", num_train_steps=10, eval_every_steps=5,
+                       checkpoint_every_steps=5, max_eval_examples=16)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  config.update(num_train_steps=15, max_eval_examples=48)
+  results = trainer.train_and_evaluate(config, str(tmp_path))
+  run = trainer.Run(config, evaluation_only=True)
+  checkpoints = ckpt.Checkpoints(str(tmp_path), 3)
+  best = checkpoints.restore_best({"params": run.abstract_state.params,
+                                   "model_state": run.abstract_state.model_state},
+                                  results["best_step"])
+  checkpoints.close()
+  on_48 = run.evaluate(best["params"], best["model_state"], "validation", limit=48)
+  assert results["eval_accuracy"] == on_48["accuracy"]
