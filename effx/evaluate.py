@@ -15,23 +15,27 @@ import os
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "an effx.train workdir", required=True)
-flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "split to evaluate")
-flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number")
 
 
-def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = "latest"
-                     ) -> dict:
-  """Accuracy and loss of one of ``workdir``'s checkpoints on ``split``.
+def _define_flags() -> None:
+  # Only when run as a program: importing this module (effx.structured does) must not
+  # define flags another entry point also defines.
+  flags.DEFINE_string("workdir", None, "an effx.train workdir", required=True)
+  flags.DEFINE_enum("split", "test", ["train", "validation", "test"], "split to evaluate")
+  flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number")
+
+
+def restore(workdir: str, checkpoint: str | int = "latest"):
+  """One of ``workdir``'s checkpoints, ready to evaluate.
 
   Args:
     workdir: an ``effx.train`` workdir.
-    split: ``"train"``, ``"validation"`` or ``"test"``.
-    checkpoint: ``"latest"``, ``"best"`` or a step (int or digits).
+    checkpoint: ``"latest"`` (the newest that restores), ``"best"`` (the best on
+      validation) or a step (int or digits).
 
   Returns:
-    ``{"checkpoint", "step", "split", "accuracy", "loss", ...}``, also written to
-    ``workdir/eval_<split>_<checkpoint>_<step>.json``.
+    ``(run, params, model_state, step)``: ``run`` an evaluation-only ``trainer.Run`` of
+    the workdir's config (no distillation teacher loaded).
   """
   from effx import checkpoint as ckpt  # noqa: PLC0415
   from effx import trainer  # noqa: PLC0415
@@ -50,19 +54,34 @@ def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = 
       target = {"params": run.abstract_state.params,
                 "model_state": run.abstract_state.model_state}
       restored = checkpoints.restore_best(target, step)
-      params, model_state = restored["params"], restored["model_state"]
+      return run, restored["params"], restored["model_state"], step
+    if checkpoint == "latest":
+      restored = checkpoints.restore_latest(run.abstract_state)
     else:
-      if checkpoint == "latest":
-        restored = checkpoints.restore_latest(run.abstract_state)
-      else:
-        restored = checkpoints.restore_step(run.abstract_state, int(checkpoint))
-      if restored is None:
-        raise FileNotFoundError(f"no checkpoint that restores in {checkpoints.directory}")
-      state, _, _, step = restored
-      params, model_state = state.params, state.model_state
+      restored = checkpoints.restore_step(run.abstract_state, int(checkpoint))
+    if restored is None:
+      raise FileNotFoundError(f"no checkpoint that restores in {checkpoints.directory}")
+    state, _, _, step = restored
+    return run, state.params, state.model_state, step
   finally:
     checkpoints.close()
-  name = checkpoint if checkpoint in ("latest", "best") else "step"
+
+
+def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = "latest"
+                     ) -> dict:
+  """Accuracy and loss of one of ``workdir``'s checkpoints on ``split``.
+
+  Args:
+    workdir: an ``effx.train`` workdir.
+    split: ``"train"``, ``"validation"`` or ``"test"``.
+    checkpoint: ``"latest"``, ``"best"`` or a step (int or digits).
+
+  Returns:
+    ``{"checkpoint", "step", "split", "accuracy", "loss", ...}``, also written to
+    ``workdir/eval_<split>_<checkpoint>_<step>.json``.
+  """
+  run, params, model_state, step = restore(workdir, checkpoint)
+  name = str(checkpoint) if str(checkpoint) in ("latest", "best") else "step"
   result = {"checkpoint": name, "step": step, "split": split,
             **run.evaluate(params, model_state, split)}
   path = os.path.join(workdir, f"eval_{split}_{name}_{step}.json")
@@ -89,4 +108,5 @@ def _main():
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

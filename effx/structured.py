@@ -142,6 +142,7 @@ def export(workdir: str, out: str, *, heads: int | None = None, mlp_units: int |
   summary written to ``structure.json``."""
   from effx import checkpoint as ckpt  # noqa: PLC0415 (the trainer imports this package)
   from effx import distill as distill_lib  # noqa: PLC0415
+  from effx import evaluate as evaluate_lib  # noqa: PLC0415
   from effx import prune as prune_lib  # noqa: PLC0415
   from effx import trainer  # noqa: PLC0415
   from effx import workdir as workdir_lib  # noqa: PLC0415
@@ -152,23 +153,9 @@ def export(workdir: str, out: str, *, heads: int | None = None, mlp_units: int |
     raise ValueError("give --heads and/or --mlp_units (how many to keep per layer)")
   if os.path.exists(out):
     raise FileExistsError(f"--out={out} exists; the export writes a new workdir")
-  config = trainer.load_workdir_config(workdir)
-  run = trainer.Run(config, evaluation_only=True)
+  run, params, _, step = evaluate_lib.restore(workdir, checkpoint)
+  config = run.config
   check_exportable(run.model_config)
-  checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
-  try:
-    if checkpoint == "best":
-      step = checkpoints.best.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no best checkpoint in {workdir}/best")
-      restored = checkpoints.restore_best({"params": run.abstract_state.params,
-                                           "model_state": run.abstract_state.model_state}, step)
-      params = restored["params"]
-    else:
-      state, _, _, step = checkpoints.restore_latest(run.abstract_state)
-      params = state.params
-  finally:
-    checkpoints.close()
   params = jax.device_get(params)
 
   def loss(p, batch):
