@@ -53,6 +53,18 @@ def byte_tokens(text: Any, length: int) -> np.ndarray:
   return pad(np.frombuffer(text[:length], np.uint8).astype(np.int32) + 1, length)
 
 
+def reject_generator_keys(data, keys, *, task: str, source: str, instead: str,
+                          hint: str) -> None:
+  """With ``data.dir`` set a task reads ``source``: any of its generator ``keys`` that is
+  set (not None) would be ignored, so it is an error naming them, with ``hint``."""
+  unread = [f"data.{k}={data[k]!r}" for k in keys if data[k] is not None]
+  if data["dir"] and unread:
+    raise ValueError(
+        f"data.dir is set, so {task} reads {source} and not the generator settings "
+        f"{', '.join(unread)}; unset them (--config.data.<key>=None), or unset data.dir "
+        f"to {instead}. {hint}")
+
+
 class MappedSource:
   """``fn(source[i])`` for every ``i``: a lazy, random-access map."""
 

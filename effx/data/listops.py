@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from effx.data.base import DatasetMissingError, TaskData
+from effx.data.base import DatasetMissingError, TaskData, reject_generator_keys
 
 PAD = 0
 DIGITS = tuple(range(1, 11))             # token of digit d is d + 1
@@ -281,14 +281,11 @@ def check(data: Mapping[str, Any]) -> None:
     value, kind = data[key], str if key == "cache_dir" else int
     if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
       raise TypeError(f"data.{key}={value!r} must be {'a str' if kind is str else 'an int'}")
-  if data["dir"]:
-    unread = [f"data.{k}={data[k]!r}" for k in GENERATOR_KEYS if data[k] is not None]
-    if unread:
-      raise ValueError(
-          f"data.dir is set, so ListOps reads LRA's release files and not the generator "
-          f"settings {', '.join(unread)}; unset them (--config.data.<key>=None), or unset "
-          "data.dir to generate expressions. configs/lra_listops.py:small and :tiny set "
-          "some of them: use configs/lra_listops.py (full size) with data.dir")
+  reject_generator_keys(
+      data, GENERATOR_KEYS, task="ListOps", source="LRA's release files",
+      instead="generate expressions",
+      hint="configs/lra_listops.py:small and :tiny set some of them: use "
+           "configs/lra_listops.py (full size) with data.dir")
 
 
 def generator_settings(data: Mapping[str, Any], seed: int) -> Settings:

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData
+from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData, reject_generator_keys
 
 _log = logging.getLogger(__name__)
 
@@ -99,15 +99,13 @@ def check(data: Mapping[str, Any]) -> None:
   if difficulty is not None and difficulty not in DIFFICULTIES:
     raise ValueError(f"data.difficulty={difficulty!r} is not a folder of the LRA release; "
                      f"one of {', '.join(DIFFICULTIES)}")
+  reject_generator_keys(
+      data, GENERATOR_KEYS, task="Pathfinder", source="the LRA release",
+      instead="draw images",
+      hint="configs/lra_pathfinder.py and lra_pathx.py set some of them: give those "
+           "configs the release folder as their argument instead, e.g. "
+           "--config=configs/lra_pathx.py:dir=<lra_release>")
   if data["dir"]:
-    unread = [f"data.{k}={data[k]!r}" for k in GENERATOR_KEYS if data[k] is not None]
-    if unread:
-      raise ValueError(
-          f"data.dir is set, so Pathfinder reads the LRA release and not the generator "
-          f"settings {', '.join(unread)}; unset them (--config.data.<key>=None), or unset "
-          "data.dir to draw images. configs/lra_pathfinder.py and lra_pathx.py set some "
-          "of them: give those configs the release folder as their argument instead, "
-          "e.g. --config=configs/lra_pathx.py:dir=<lra_release>")
     if n not in RELEASE_RESOLUTIONS:
       raise ValueError(f"data.resolution={n}: the LRA release has pathfinder"
                        f"{{{','.join(map(str, RELEASE_RESOLUTIONS))}}} only")
