@@ -17,6 +17,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from effx import axes
+
 
 def abstract_like(tree, shardings):
   """``ShapeDtypeStruct``s of ``tree`` (arrays or shape structs) carrying ``shardings``:
@@ -195,8 +197,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     shape = getattr(leaf, "shape", None)
     if shape is None:
       continue
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    out["/".join(names)] = tuple(shape)
+    out[axes.path_name(path)] = tuple(shape)
   return out
 
 

@@ -23,6 +23,34 @@ import ml_collections
 OPEN_MAPPINGS = ("model.attention_kwargs",)
 
 
+def check_section(section: str, values, defaults) -> None:
+  """Unknown keys and values of another type than the default's in ``config.<section>``
+  raise, naming the key: a bool only for a bool, an int (not a bool) for an int, a number
+  for a float, a sequence of ints for a tuple."""
+  values = dict(values)
+  unknown = sorted(set(values) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                     f"valid: {', '.join(defaults)}")
+  for key, default in defaults.items():
+    value = values.get(key, default)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, float):
+      ok = number
+    elif isinstance(default, int):
+      ok = number and isinstance(value, int)
+    elif isinstance(default, tuple):
+      ok = isinstance(value, (tuple, list)) and all(
+          isinstance(i, int) and not isinstance(i, bool) for i in value)
+    else:
+      ok = isinstance(value, type(default))
+    if not ok:
+      kind = "sequence of ints" if isinstance(default, tuple) else type(default).__name__
+      raise TypeError(f"{section}.{key}={value!r} must be a {kind}")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``path/to/config.py`` or ``path/to/config.py:arg`` -> ``get_config([arg])``."""
   path, _, arg = spec.partition(":")

@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from effx import models
+from effx import axes, models
 from effx.objectives import Classification, forward
 
 DEFAULTS = dict(teacher_workdir="", temperature=2.0, kd_weight=1.0, ce_weight=0.1,
@@ -67,28 +67,13 @@ def defaults() -> ml_collections.ConfigDict:
 
 def check_config(distill: Any) -> None:
   """Unknown keys, wrong types and bad values of ``config.distill`` raise, naming the key."""
+  from effx import cli  # noqa: PLC0415
+
   values = dict(distill)
-  unknown = sorted(set(values) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown config key(s) {', '.join('distill.' + k for k in unknown)}; "
-                     f"valid: {', '.join(DEFAULTS)}")
   if values.get("teacher_workdir", "") is None:
     raise ValueError("distill.teacher_workdir is not set: pass --config.distill."
                      "teacher_workdir=<the workdir of a finished effx.train run>")
-  for key, default in DEFAULTS.items():
-    value = values.get(key, default)
-    if isinstance(default, bool):
-      ok = isinstance(value, bool)
-    elif isinstance(default, float):
-      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, tuple):
-      ok = isinstance(value, (tuple, list)) and all(
-          isinstance(i, int) and not isinstance(i, bool) for i in value)
-    else:
-      ok = isinstance(value, type(default))
-    if not ok:
-      raise TypeError(f"distill.{key}={value!r} must be a {type(default).__name__}"
-                      + (" of layer indices" if isinstance(default, tuple) else ""))
+  cli.check_section("distill", values, DEFAULTS)
   for key in ("kd_weight", "ce_weight", "hidden_weight", "attention_weight"):
     if values.get(key, 0.0) < 0:
       raise ValueError(f"distill.{key}={values[key]} must be >= 0")
@@ -220,17 +205,17 @@ def init_student(student_params, teacher_params, layer_map: tuple[int, ...]):
   leaves (``.../layers/...``, leading layer axis) take the teacher's ``layer_map``
   layers, the rest (embeddings, norms, head) are copied whole. Raises on a shape that
   cannot be copied; leaves the teacher lacks stay as initialised (returned by name)."""
-  teacher_flat = {jax.tree_util.keystr(p): v
+  teacher_flat = {axes.path_name(p): v
                   for p, v in jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
   kept, index = [], np.asarray(layer_map)
 
   def take(path, leaf):
-    name = jax.tree_util.keystr(path)
+    name = axes.path_name(path)
     if name not in teacher_flat:
       kept.append(name)
       return leaf
     source = teacher_flat[name]
-    if "'layers'" in name:
+    if axes.stacked_over_layers(path):
       source = jnp.take(source, index, axis=0)
     if source.shape != leaf.shape:
       raise ValueError(f"distill.init_from_teacher: {name} is {tuple(source.shape)} in the "

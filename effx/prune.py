@@ -28,6 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from effx import axes
+from effx.axes import path_name
+
 METHODS = ("none", "magnitude", "movement")
 SCOPES = ("layer", "global")
 DEFAULTS = dict(method="none", target_sparsity=0.8, initial_sparsity=0.0, start_step=0,
@@ -42,18 +45,10 @@ def defaults() -> ml_collections.ConfigDict:
 
 def check_config(prune: Any, num_train_steps: int) -> None:
   """Unknown keys, wrong types and bad values of ``config.prune`` raise, naming the key."""
+  from effx import cli  # noqa: PLC0415
+
+  cli.check_section("prune", prune, DEFAULTS)
   values = dict(prune)
-  unknown = sorted(set(values) - set(DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown config key(s) {', '.join('prune.' + k for k in unknown)}; "
-                     f"valid: {', '.join(DEFAULTS)}")
-  for key, default in DEFAULTS.items():
-    value = values.get(key, default)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          if isinstance(default, float) else isinstance(value, type(default))
-          and not (isinstance(value, bool) and not isinstance(default, bool)))
-    if not ok:
-      raise TypeError(f"prune.{key}={value!r} must be a {type(default).__name__}")
   if values.get("method", "none") not in METHODS:
     raise ValueError(f"prune.method={values['method']!r}; one of {', '.join(METHODS)}")
   if values.get("scope", "layer") not in SCOPES:
@@ -90,11 +85,6 @@ def sparsity_at(step, *, initial: float, target: float, start: int, end: int):
   return jnp.where(jnp.asarray(step) < start, 0.0, value)
 
 
-def path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                  for k in path)
-
-
 def _is_box(x) -> bool:
   return isinstance(x, nn.meta.AxisMetadata)
 
@@ -102,7 +92,7 @@ def _is_box(x) -> bool:
 def named_leaves(params) -> list[tuple[str, Any, bool]]:
   """``(path name, leaf, layer-stacked)`` of every parameter; a boxed (logically
   partitioned) parameter is one leaf."""
-  return [(path_name(p), leaf, any(getattr(k, "key", None) == "layers" for k in p))
+  return [(path_name(p), leaf, axes.stacked_over_layers(p))
           for p, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]]
 
 
