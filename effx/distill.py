@@ -21,6 +21,19 @@ tokens only):
   sub-block output against its teacher layer's, MSE, each model on its own layer
   input), the loss that turns a softmax model into an efficient-attention one (T2R,
   Hedgehog, LoLCATs).
+* ``value_relation_weight``: MiniLM's value relation, ``KL(R_t ‖ R_s)`` with
+  ``R = softmax(V Vᵀ / √d_r)`` per relation head over real keys, averaged over real
+  queries, heads and mapped layers. The values of all heads are concatenated and split
+  into ``relation_heads`` heads (0: the teacher's ``num_heads``) of width ``d_r``
+  (MiniLMv2), so it needs neither equal widths nor equal head counts, and every family
+  has values: it works for any pair.
+* ``attention_kl_weight``: TinyBERT / MiniLM attention-distribution transfer,
+  ``KL(A_t ‖ A_s)`` with ``A = softmax(Q Kᵀ / √d_head)`` per head. Only for models
+  whose attention *is* that distribution (``dense``, ``blockwise``) with equal
+  ``num_heads``.
+
+The relation losses read each layer's projected heads, which ``SelfAttention`` sows
+into the ``intermediates`` collection; the reversible stack does not expose them.
 
 The student's layer outputs are taken in training mode (with its dropout), the
 teacher's at evaluation: with dropout on, the token losses carry that noise.
@@ -53,9 +66,13 @@ from effx import axes, models
 from effx.objectives import Classification, forward
 
 DEFAULTS = dict(teacher_workdir="", temperature=2.0, kd_weight=1.0, ce_weight=0.1,
-                hidden_weight=0.0, hidden_loss="mse", attention_weight=0.0, layer_map=(),
-                init_from_teacher=False)
+                hidden_weight=0.0, hidden_loss="mse", attention_weight=0.0,
+                value_relation_weight=0.0, attention_kl_weight=0.0, relation_heads=0,
+                layer_map=(), init_from_teacher=False)
 HIDDEN_LOSSES = ("mse", "cosine")
+# Families whose output is exactly softmax(QKᵀ/√d)V over every key: their attention
+# distribution is the one attention_kl_weight compares.
+SOFTMAX_FAMILIES = ("dense", "blockwise")
 _log = logging.getLogger(__name__)
 
 
@@ -74,7 +91,8 @@ def check_config(distill: Any) -> None:
     raise ValueError("distill.teacher_workdir is not set: pass --config.distill."
                      "teacher_workdir=<the workdir of a finished effx.train run>")
   cli.check_section("distill", values, DEFAULTS)
-  for key in ("kd_weight", "ce_weight", "hidden_weight", "attention_weight"):
+  for key in ("kd_weight", "ce_weight", "hidden_weight", "attention_weight",
+              "value_relation_weight", "attention_kl_weight", "relation_heads"):
     if values.get(key, 0.0) < 0:
       raise ValueError(f"distill.{key}={values[key]} must be >= 0")
   if values.get("temperature", 1.0) <= 0:
@@ -235,6 +253,41 @@ def _token_mean(per_token: jax.Array, mask: jax.Array) -> jax.Array:
       jnp.sum(weights) * per_token.shape[0], 1.0)
 
 
+def _captured(aux) -> dict[str, jax.Array]:
+  """The ``{"q", "k", "v"}`` heads ``[layers, batch, length, heads, head_dim]`` that the
+  encoder's SelfAttention sowed (``forward(..., capture=True)``)."""
+  node = aux["intermediates"]
+  while "qkv" not in node:
+    (node,) = node.values()  # one path down to the attention module
+  return node["qkv"][0]
+
+
+def _masked_kl(t_logits, s_logits, mask) -> jax.Array:
+  """``KL(softmax(t) ‖ softmax(s))`` over real keys, averaged over real queries and over
+  the other axes; logits ``[layers, batch, heads, q, k]``, ``mask [batch, length]``."""
+  keys = mask[None, :, None, None, :]
+  t = jax.nn.log_softmax(jnp.where(keys, t_logits, -1e30), axis=-1)
+  s = jax.nn.log_softmax(jnp.where(keys, s_logits, -1e30), axis=-1)
+  per_query = jnp.sum(jnp.where(keys, jnp.exp(t) * (t - s), 0.0), axis=-1)
+  weights = jnp.broadcast_to(mask[None, :, None, :], per_query.shape).astype(jnp.float32)
+  return jnp.sum(per_query * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def relation_logits(x: jax.Array, heads: int) -> jax.Array:
+  """MiniLMv2 relation logits ``x xᵀ / √d_r``: ``x [layers, batch, length, h, d]`` has its
+  ``h · d`` features split into ``heads`` relation heads of ``d_r = h · d / heads``.
+  Returns ``[layers, batch, heads, length, length]`` in float32."""
+  layers, batch, length = x.shape[:3]
+  x = x.reshape(layers, batch, length, heads, -1).astype(jnp.float32)
+  return jnp.einsum("nbqhd,nbkhd->nbhqk", x, x) * x.shape[-1] ** -0.5
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Softmax attention logits ``q kᵀ / √d_head``, ``[layers, batch, heads, q, k]``."""
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  return jnp.einsum("nbqhd,nbkhd->nbhqk", q, k) * q.shape[-1] ** -0.5
+
+
 class Distillation(Classification):
   """The student's distillation loss; evaluated (and its best checkpoint chosen) as a
   classifier on the labels."""
@@ -242,20 +295,23 @@ class Distillation(Classification):
   progress = ("loss", "accuracy", "kd")
 
   def __init__(self, model: nn.Module, teacher_model: nn.Module, options: Any,
-               layer_map: tuple[int, ...]):
+               layer_map: tuple[int, ...], relation_heads: int = 1):
     super().__init__(model)
     self.teacher_model = teacher_model
     self.temperature = float(options.temperature)
     self.weights = {k: float(options[f"{k}_weight"])
-                    for k in ("kd", "ce", "hidden", "attention")}
+                    for k in ("kd", "ce", "hidden", "attention", "value_relation",
+                              "attention_kl")}
     self.hidden_loss = options.hidden_loss
     self.layer_map = layer_map
+    self.relation_heads = relation_heads
+    self.capture = bool(self.weights["value_relation"] or self.weights["attention_kl"])
 
   def loss(self, params, model_state, batch, rng, extra: Any = None):
     logits, aux, new_state = forward(self.model, params, model_state, batch, train=True,
-                                     rng=rng)
+                                     rng=rng, capture=self.capture)
     t_logits, t_aux, _ = forward(self.teacher_model, extra["params"], extra["model_state"],
-                                 batch, train=False)
+                                 batch, train=False, capture=self.capture)
     t_logits, t_aux = jax.lax.stop_gradient((t_logits, t_aux))
     logits, t_logits = logits.astype(jnp.float32), t_logits.astype(jnp.float32)
     t = self.temperature
@@ -283,6 +339,19 @@ class Distillation(Classification):
       t_a = jnp.take(t_aux["attention"], index, axis=0).astype(jnp.float32)
       values["attention"] = _token_mean(jnp.mean(jnp.square(s_a - t_a), axis=-1), aux["mask"])
       total = total + self.weights["attention"] * values["attention"]
+    if self.capture:
+      s_heads = _captured(aux)
+      t_heads = {k: jnp.take(v, index, axis=0) for k, v in _captured(t_aux).items()}
+    if self.weights["value_relation"]:
+      values["value_relation"] = _masked_kl(
+          relation_logits(t_heads["v"], self.relation_heads),
+          relation_logits(s_heads["v"], self.relation_heads), aux["mask"])
+      total = total + self.weights["value_relation"] * values["value_relation"]
+    if self.weights["attention_kl"]:
+      values["attention_kl"] = _masked_kl(attention_logits(t_heads["q"], t_heads["k"]),
+                                          attention_logits(s_heads["q"], s_heads["k"]),
+                                          aux["mask"])
+      total = total + self.weights["attention_kl"] * values["attention_kl"]
     return total, (values, new_state)
 
 
@@ -316,5 +385,42 @@ def setup(config, task, student_model_config, student_model):
     raise ValueError(f"distill.hidden_weight / attention_weight need the same model.pool "
                      f"(teacher {teacher.model_config.pool!r}, student "
                      f"{student_model_config.pool!r}): the CLS token shifts positions")
-  objective = Distillation(student_model, teacher.model, options, layer_map)
+  relation_heads = _check_relation_losses(options, student_model_config, teacher.model_config)
+  objective = Distillation(student_model, teacher.model, options, layer_map, relation_heads)
   return objective, teacher
+
+
+def _check_relation_losses(options, student, teacher) -> int:
+  """The number of relation heads; raises when a relation loss cannot apply."""
+  if not (options.value_relation_weight or options.attention_kl_weight):
+    return 1
+  for who, cfg in (("teacher", teacher), ("student", student)):
+    if cfg.kind != "classifier":
+      raise ValueError("distill.value_relation_weight / attention_kl_weight need "
+                       f"model.kind='classifier' (the {who} is {cfg.kind!r})")
+    if cfg.reversible:
+      raise ValueError("distill.value_relation_weight / attention_kl_weight read each "
+                       f"layer's heads, which the reversible stack does not expose (the {who}"
+                       " has model.reversible=True)")
+  if student.pool != teacher.pool:
+    raise ValueError(f"distill.value_relation_weight / attention_kl_weight need the same "
+                     f"model.pool (teacher {teacher.pool!r}, student {student.pool!r}): the "
+                     "CLS token shifts positions")
+  if options.attention_kl_weight:
+    for who, cfg in (("teacher", teacher), ("student", student)):
+      if cfg.attention not in SOFTMAX_FAMILIES:
+        raise ValueError(
+            f"distill.attention_kl_weight compares softmax attention distributions; the "
+            f"{who}'s model.attention={cfg.attention!r} has none (families with one: "
+            f"{', '.join(SOFTMAX_FAMILIES)}); use distill.value_relation_weight or "
+            "distill.attention_weight, which work for every family")
+    if student.num_heads != teacher.num_heads:
+      raise ValueError(f"distill.attention_kl_weight compares head by head: the teacher has "
+                       f"model.num_heads={teacher.num_heads}, the student {student.num_heads}")
+  heads = options.relation_heads or teacher.num_heads
+  if student.qkv_dim % heads or teacher.qkv_dim % heads:
+    raise ValueError(f"distill.relation_heads={heads} must divide both models' model.qkv_dim "
+                     f"(teacher {teacher.qkv_dim}, student {student.qkv_dim})" +
+                     ("" if options.relation_heads else
+                      "; 0 means the teacher's num_heads: set it explicitly"))
+  return heads

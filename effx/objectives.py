@@ -24,17 +24,25 @@ def model_inputs(batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
   return (batch["inputs"], batch["inputs2"]) if "inputs2" in batch else (batch["inputs"],)
 
 
-def forward(model: nn.Module, params, model_state, batch, *, train: bool, rng=None):
+def forward(model: nn.Module, params, model_state, batch, *, train: bool, rng=None,
+            capture: bool = False):
   """``(logits, aux, new_model_state)`` of ``model`` on ``batch``; mutable collections
-  (routing centroids) are updated only in training."""
+  (routing centroids) are updated only in training. ``capture=True`` adds
+  ``aux["intermediates"]``: what the layers ``sow`` (each SelfAttention's projected
+  heads ``qkv``, stacked over layers)."""
   variables = {"params": params, **model_state}
   rngs = {"dropout": rng} if train else {}
-  if train and model_state:
-    (logits, aux), new_state = model.apply(variables, *model_inputs(batch), train=True,
-                                           rngs=rngs, mutable=list(model_state))
-    return logits, aux, dict(new_state)
-  logits, aux = model.apply(variables, *model_inputs(batch), train=train, rngs=rngs)
-  return logits, aux, model_state
+  mutable = (list(model_state) if train else []) + (["intermediates"] if capture else [])
+  if not mutable:
+    logits, aux = model.apply(variables, *model_inputs(batch), train=train, rngs=rngs)
+    return logits, aux, model_state
+  (logits, aux), updated = model.apply(variables, *model_inputs(batch), train=train,
+                                       rngs=rngs, mutable=mutable)
+  updated = dict(updated)
+  intermediates = updated.pop("intermediates", {})
+  if capture:
+    aux = {**aux, "intermediates": intermediates}
+  return logits, aux, (updated if train and model_state else model_state)
 
 
 class Classification:

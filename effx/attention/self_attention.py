@@ -109,6 +109,9 @@ class SelfAttention(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       q, k = apply_rotary(q, positions), apply_rotary(k, positions)
+    # Kept only when a caller makes "intermediates" mutable (distillation's relation
+    # losses read them); otherwise a no-op.
+    self.sow("intermediates", "qkv", {"q": q, "k": k, "v": v})
     mixer = registry.make(self.attention, causal=self.causal, module_name="mixer",
                           **self._family_options())
     mixed = mixer(q, k, v, mask=mask, deterministic=deterministic)

@@ -3,6 +3,7 @@ teacher kept out of the student's state, student initialisation, resume, bad inp
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,10 +72,11 @@ def test_every_loss_is_zero_when_the_student_is_the_teacher(hidden_loss):
   params = _init(model, 0)
   objective = distill.Distillation(
       model, model, _options(kd_weight=1.0, hidden_weight=1.0, attention_weight=1.0,
-                             hidden_loss=hidden_loss), (0, 1))
+                             value_relation_weight=1.0, attention_kl_weight=1.0,
+                             hidden_loss=hidden_loss), (0, 1), relation_heads=2)
   loss, (values, _) = objective.loss(params, {}, _batch(), jax.random.PRNGKey(0),
                                      {"params": params, "model_state": {}})
-  for name in ("kd", "hidden", "attention"):
+  for name in ("kd", "hidden", "attention", "value_relation", "attention_kl"):
     assert abs(float(values[name])) < 1e-5, (name, values)
   assert abs(float(loss)) < 1e-5
 
@@ -139,6 +141,7 @@ def _student(teacher, **overrides):
 def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(tmp_path):
   teacher = _teacher(tmp_path)
   options = {"distill.hidden_weight": 0.5, "distill.attention_weight": 0.5,
+             "distill.value_relation_weight": 0.5, "distill.attention_kl_weight": 0.5,
              "distill.init_from_teacher": True, "model.num_layers": 1}
   straight = trainer.train_and_evaluate(_student(teacher, num_train_steps=20, **options),
                                         str(tmp_path / "straight"))
@@ -158,7 +161,8 @@ def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(tmp_path)
   assert record["workdir"] == teacher and len(record["params_sha256"]) == 64
   rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
   train = [r for r in rows if r["split"] == "train"]
-  assert {"kd", "ce", "hidden", "attention", "accuracy"} <= set(train[0])
+  assert {"kd", "ce", "hidden", "attention", "value_relation", "attention_kl",
+          "accuracy"} <= set(train[0])
 
 
 def test_a_changed_teacher_is_refused_on_resume(tmp_path):
@@ -186,6 +190,18 @@ def test_bad_teachers_and_options_say_what_is_wrong(tmp_path):
   with pytest.raises(ValueError, match="needs equal model.emb_dim"):
     trainer.Run(_student(teacher, **{"distill.hidden_weight": 1.0, "model.emb_dim": 16,
                                      "model.qkv_dim": 16}))
+  with pytest.raises(ValueError, match="the student's model.attention='performer' has none"):
+    trainer.Run(_student(teacher, **{"distill.attention_kl_weight": 1.0,
+                                     "model.attention": "performer"}))
+  with pytest.raises(ValueError, match="teacher has model.num_heads=2, the student 1"):
+    trainer.Run(_student(teacher, **{"distill.attention_kl_weight": 1.0,
+                                     "model.num_heads": 1}))
+  with pytest.raises(ValueError, match="relation_heads=3 must divide both"):
+    trainer.Run(_student(teacher, **{"distill.value_relation_weight": 1.0,
+                                     "distill.relation_heads": 3}))
+  with pytest.raises(ValueError, match="reversible stack does not expose"):
+    trainer.Run(_student(teacher, **{"distill.value_relation_weight": 1.0,
+                                     "model.reversible": True}))
   with pytest.raises(ValueError, match="layer_map=.5,. must give one teacher layer"):
     trainer.Run(_student(teacher, **{"distill.layer_map": (5,), "model.num_layers": 1}))
   with pytest.raises(ValueError, match="distill.kd_weight set but distill.teacher_workdir "
@@ -195,3 +211,84 @@ def test_bad_teachers_and_options_say_what_is_wrong(tmp_path):
     trainer.check_config(_student(teacher, **{"distill.hidden_loss": "l1"}))
   with pytest.raises(ValueError, match="distill.teacher_workdir is not set"):
     trainer.check_config(cli.load_config(f"{CONFIGS}/distill_listops.py:tiny"))
+
+
+def _heads_by_hand(params, aux, which):
+  """Each layer's projected ``which`` (query/key/value) heads ``[layers, b, l, h, d]``,
+  recomputed in NumPy from the parameters: LayerNorm of the layer's input, then the
+  projection."""
+  p = jax.tree.map(np.asarray, nn.unbox(params))["encoder"]["encoder"]["layers"]["block"]
+  p = p["attention_block"]
+  inputs = [np.asarray(aux["embedded"], np.float64)] + [
+      np.asarray(h, np.float64) for h in aux["hidden"][:-1]]
+  out = []
+  for i, x in enumerate(inputs):
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    h = (x - mean) / np.sqrt(var + 1e-6) * p["norm"]["scale"][i] + p["norm"]["bias"][i]
+    proj = p["attention"][which]
+    out.append(np.einsum("bld,dhk->blhk", h, proj["kernel"][i]) + proj["bias"][i])
+  return np.stack(out)
+
+
+def _kl_by_hand(t_logits, s_logits, mask):
+  """Mean over real queries (and layers, heads) of KL(softmax t || softmax s) over real keys."""
+  total, count = 0.0, 0
+  for n, b, h, q in np.ndindex(*t_logits.shape[:4]):
+    if not mask[b, q]:
+      continue
+    keys = mask[b]
+    t, s = t_logits[n, b, h, q, keys], s_logits[n, b, h, q, keys]
+    pt = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
+    ps = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    total += np.sum(pt * (np.log(pt) - np.log(ps)))
+    count += 1
+  return total / count
+
+
+def test_value_relation_is_minilms_kl_across_widths_and_head_counts():
+  # Teacher: 3 layers, 2 heads of 8; student: 1 layer, 1 head of 12 -> 4 relation heads
+  # of 4 (teacher) and 3 (student) features.
+  _, student = _model(num_layers=1, num_heads=1, qkv_dim=12, emb_dim=8, mlp_dim=16)
+  _, teacher = _model(num_layers=3)
+  s_params, t_params = _init(student, 0), _init(teacher, 1)
+  batch = _batch()
+  objective = distill.Distillation(student, teacher, _options(value_relation_weight=1.0),
+                                   (2,), relation_heads=4)
+  loss, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(0),
+                                     {"params": t_params, "model_state": {}})
+  s_aux = student.apply({"params": s_params}, batch["inputs"])[1]
+  t_aux = teacher.apply({"params": t_params}, batch["inputs"])[1]
+  mask = np.asarray(s_aux["mask"])
+
+  def relation(v):  # [n, b, l, h, d] -> [n, b, 4, l, l]
+    v = v.reshape(*v.shape[:3], 4, -1)
+    return np.einsum("nbqhd,nbkhd->nbhqk", v, v) / np.sqrt(v.shape[-1])
+
+  t_v = _heads_by_hand(t_params, t_aux, "value")[[2]]
+  s_v = _heads_by_hand(s_params, s_aux, "value")
+  expected = _kl_by_hand(relation(t_v), relation(s_v), mask)
+  assert expected > 1e-3
+  assert float(values["value_relation"]) == pytest.approx(expected, rel=1e-4)
+  assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_attention_kl_is_the_kl_of_the_softmax_attention_maps():
+  _, student = _model(num_layers=1, qkv_dim=8)
+  _, teacher = _model(num_layers=2)
+  s_params, t_params = _init(student, 0), _init(teacher, 1)
+  batch = _batch(3)
+  objective = distill.Distillation(student, teacher, _options(attention_kl_weight=1.0), (1,))
+  _, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(0),
+                                  {"params": t_params, "model_state": {}})
+  s_aux = student.apply({"params": s_params}, batch["inputs"])[1]
+  t_aux = teacher.apply({"params": t_params}, batch["inputs"])[1]
+
+  def logits(params, aux, layers):
+    q = _heads_by_hand(params, aux, "query")[layers]
+    k = _heads_by_hand(params, aux, "key")[layers]
+    return np.einsum("nbqhd,nbkhd->nbhqk", q, k) / np.sqrt(q.shape[-1])
+
+  expected = _kl_by_hand(logits(t_params, t_aux, [1]), logits(s_params, s_aux, [0]),
+                         np.asarray(s_aux["mask"]))
+  assert expected > 1e-3
+  assert float(values["attention_kl"]) == pytest.approx(expected, rel=1e-4)
