@@ -23,32 +23,40 @@ import ml_collections
 OPEN_MAPPINGS = ("model.attention_kwargs",)
 
 
-def check_section(section: str, values, defaults) -> None:
-  """Unknown keys and values of another type than the default's in ``config.<section>``
-  raise, naming the key: a bool only for a bool, an int (not a bool) for an int, a number
-  for a float, a sequence of ints for a tuple."""
+def check_section(section: str, values, defaults, *, context: str = "") -> None:
+  """The one rule for every config section's keys and types: unknown keys and values of
+  another type than the default's raise, naming the key. A bool only for a bool; an int
+  (not a bool) for an int; a number for a float; a string for a string; a sequence of
+  ints for a tuple; a mapping for a dict; a key whose default is None takes any value
+  (its section checks it). ``context`` is added to the unknown-key message."""
   values = dict(values)
   unknown = sorted(set(values) - set(defaults))
   if unknown:
-    raise ValueError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                     f"valid: {', '.join(defaults)}")
+    where = f" ({context})" if context else ""
+    raise ValueError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}"
+                     f"{where}; valid: {', '.join(defaults)}")
   for key, default in defaults.items():
-    value = values.get(key, default)
+    if key not in values or default is None:
+      continue
+    value = values[key]
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if isinstance(default, bool):
-      ok = isinstance(value, bool)
+      ok, kind = isinstance(value, bool), "a bool"
     elif isinstance(default, float):
-      ok = number
+      ok, kind = number, "a number"
     elif isinstance(default, int):
-      ok = number and isinstance(value, int)
+      ok, kind = number and isinstance(value, int), "an int"
+    elif isinstance(default, str):
+      ok, kind = isinstance(value, str), "a string"
     elif isinstance(default, tuple):
-      ok = isinstance(value, (tuple, list)) and all(
-          isinstance(i, int) and not isinstance(i, bool) for i in value)
+      ok, kind = isinstance(value, (tuple, list)) and all(
+          isinstance(i, int) and not isinstance(i, bool) for i in value), "a sequence of ints"
+    elif isinstance(default, dict):
+      ok, kind = hasattr(value, "keys"), "a mapping"
     else:
-      ok = isinstance(value, type(default))
+      ok, kind = isinstance(value, type(default)), f"a {type(default).__name__}"
     if not ok:
-      kind = "sequence of ints" if isinstance(default, tuple) else type(default).__name__
-      raise TypeError(f"{section}.{key}={value!r} must be a {kind}")
+      raise TypeError(f"{section}.{key}={value!r} must be {kind}")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

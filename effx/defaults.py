@@ -1,7 +1,7 @@
 """The base of every training config: each top-level key with its default and meaning.
 
 ``configs/lra_<task>.py`` start from ``base(task)`` and set the LRA values; ``resize``
-is the ``:tiny`` / ``:small`` switch. ``effx.trainer.check_config`` rejects any key not
+is the ``:tiny`` / ``:small`` switch. ``effx.validate.config`` rejects any key not
 listed here.
 """
 

@@ -82,33 +82,6 @@ def defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(DEFAULTS))
 
 
-def check_config(distill: Any) -> None:
-  """Unknown keys, wrong types and bad values of ``config.distill`` raise, naming the key."""
-  from effx import cli  # noqa: PLC0415
-
-  values = dict(distill)
-  if values.get("teacher_workdir", "") is None:
-    raise ValueError("distill.teacher_workdir is not set: pass --config.distill."
-                     "teacher_workdir=<the workdir of a finished effx.train run>")
-  cli.check_section("distill", values, DEFAULTS)
-  for key in ("kd_weight", "ce_weight", "hidden_weight", "attention_weight",
-              "value_relation_weight", "attention_kl_weight", "relation_heads"):
-    if values.get(key, 0.0) < 0:
-      raise ValueError(f"distill.{key}={values[key]} must be >= 0")
-  if values.get("temperature", 1.0) <= 0:
-    raise ValueError(f"distill.temperature={values['temperature']} must be positive")
-  if values.get("hidden_loss", "mse") not in HIDDEN_LOSSES:
-    raise ValueError(f"distill.hidden_loss={values['hidden_loss']!r}; one of "
-                     f"{', '.join(HIDDEN_LOSSES)}")
-  if not values.get("teacher_workdir"):
-    changed = [k for k in DEFAULTS if k != "teacher_workdir"
-               and _normal(values.get(k, DEFAULTS[k])) != _normal(DEFAULTS[k])]
-    if changed:
-      raise ValueError(f"{', '.join('distill.' + k for k in changed)} set but "
-                       "distill.teacher_workdir is empty: set the teacher's workdir, or "
-                       "leave the distill section at its defaults")
-
-
 def _normal(value):
   return list(value) if isinstance(value, (tuple, list)) else value
 
@@ -146,7 +119,7 @@ class Teacher:
   def __init__(self, workdir: str, student_data: dict[str, Any], task,
                student_model_config):
     from effx import checkpoint as ckpt  # noqa: PLC0415 (trainer imports this module)
-    from effx import trainer  # noqa: PLC0415
+    from effx import trainer, validate  # noqa: PLC0415
 
     where = f"distill.teacher_workdir={workdir!r}"
     if not os.path.isdir(workdir):
@@ -166,7 +139,7 @@ class Teacher:
       raise ValueError(f"{where} was trained on other data: " + ", ".join(
           f"data.{k}={t!r} (student: {s!r})" for k, (t, s) in other.items()) +
           "; distil on the teacher's data")
-    teacher_model_config = models.model_config(trainer._model_dict(config, task))  # noqa: SLF001
+    teacher_model_config = validate.model(config, task)
     for key in ("vocab_size", "num_classes", "kind"):
       a, b = getattr(teacher_model_config, key), getattr(student_model_config, key)
       if a != b:

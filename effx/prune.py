@@ -43,34 +43,6 @@ def defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(DEFAULTS))
 
 
-def check_config(prune: Any, num_train_steps: int) -> None:
-  """Unknown keys, wrong types and bad values of ``config.prune`` raise, naming the key."""
-  from effx import cli  # noqa: PLC0415
-
-  cli.check_section("prune", prune, DEFAULTS)
-  values = dict(prune)
-  if values.get("method", "none") not in METHODS:
-    raise ValueError(f"prune.method={values['method']!r}; one of {', '.join(METHODS)}")
-  if values.get("scope", "layer") not in SCOPES:
-    raise ValueError(f"prune.scope={values['scope']!r}; one of {', '.join(SCOPES)}")
-  for key in ("target_sparsity", "initial_sparsity"):
-    if not 0.0 <= values.get(key, 0.0) < 1.0:
-      raise ValueError(f"prune.{key}={values[key]} must be in [0, 1)")
-  for key in ("include", "exclude"):
-    try:
-      re.compile(values.get(key, ""))
-    except re.error as error:
-      raise ValueError(f"prune.{key}={values[key]!r} is not a regular expression: "
-                       f"{error}") from None
-  if values.get("update_every", 1) <= 0:
-    raise ValueError(f"prune.update_every={values['update_every']} must be positive")
-  if values.get("method", "none") != "none":
-    start, end = window(values, num_train_steps)
-    if not 0 <= start < end <= num_train_steps:
-      raise ValueError(f"prune.start_step={start} and end_step={end} must satisfy "
-                       f"0 <= start_step < end_step <= num_train_steps={num_train_steps}")
-
-
 def window(prune: Any, num_train_steps: int) -> tuple[int, int]:
   """``(start_step, end_step)``, ``end_step=0`` standing for 80% of training."""
   end = prune["end_step"] or int(0.8 * num_train_steps)

@@ -34,83 +34,9 @@ from jax.experimental import multihost_utils
 from effx import checkpoint as ckpt
 from effx import data as data_lib
 from effx import defaults, distill, metrics, models, objectives, optim, prune, sharding, steps
+from effx import validate
 from effx import workdir as workdir_lib
 from effx.data import pipeline
-
-# Model keys the task decides; a config may repeat them only with the task's value.
-TASK_MODEL_KEYS = ("vocab_size", "num_classes", "max_len")
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Unknown keys, wrong types and impossible combinations raise, naming the key, before
-  anything is compiled (data-dependent checks happen when the task is loaded)."""
-  if "data" not in config or "task" not in config.data:
-    raise ValueError("config.data.task is missing (one of: "
-                     f"{', '.join(data_lib.TASKS)})")
-  data_lib.check_task(config.data.task)
-  base = defaults.base(config.data.task)
-  unknown = sorted(set(config.keys()) - set(base.keys()))
-  if unknown:
-    raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}; "
-                     f"valid keys: {', '.join(base.keys())}")
-  for key, default in base.items():
-    if key in ("model", "data", "mesh", "sharding_rules", "distill", "prune") or \
-        key not in config:
-      continue
-    value = config[key]
-    if isinstance(default, bool) or isinstance(value, bool):
-      ok = isinstance(value, bool) == isinstance(default, bool)
-    elif isinstance(default, int):
-      ok = isinstance(value, int)
-    elif isinstance(default, float):
-      ok = isinstance(value, (int, float))
-    else:
-      ok = isinstance(value, type(default))
-    if not ok:
-      raise TypeError(f"config.{key}={value!r} must be a {type(default).__name__}")
-  for key in ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints", "log_every_steps", "grad_accum_steps", "data_threads"):
-    if key in config and config[key] <= 0:
-      raise ValueError(f"config.{key}={config[key]} must be positive")
-  for key in ("warmup_steps", "max_eval_examples", "max_test_examples"):
-    if key in config and config[key] < 0:
-      raise ValueError(f"config.{key}={config[key]} must be >= 0")
-  if config.batch_size % config.grad_accum_steps:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.grad_accum_steps={config.grad_accum_steps}")
-  optim.schedule(config)  # validates config.schedule
-  data_lib.check_config(config.data)
-  distill.check_config(config.distill)
-  prune.check_config(config.prune, config.num_train_steps)
-  expected_kind = "dual_encoder" if config.data.task == "retrieval" else "classifier"
-  if config.model.get("kind", expected_kind) != expected_kind:
-    raise ValueError(f"model.kind={config.model.kind!r} does not fit data.task="
-                     f"{config.data.task!r}, which needs model.kind={expected_kind!r}")
-  models.model_config(_model_dict(config))  # every model key, type and combination
-  mesh = sharding.mesh_shape(config.mesh, jax.device_count())
-  if config.batch_size % mesh[0]:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the mesh's "
-                     f"data axis ({mesh[0]} devices; config.mesh.data={config.mesh.data})")
-  if config.model.num_heads % mesh[1] or config.model.mlp_dim % mesh[1]:
-    raise ValueError(f"config.mesh.model={mesh[1]} must divide model.num_heads="
-                     f"{config.model.num_heads} and model.mlp_dim={config.model.mlp_dim}")
-  if (config.batch_size // config.grad_accum_steps) % mesh[0]:
-    raise ValueError("config.batch_size / config.grad_accum_steps must be divisible by "
-                     f"the mesh's data axis ({mesh[0]})")
-
-
-def _model_dict(config, task: data_lib.TaskData | None = None) -> dict[str, Any]:
-  values = config.model.to_dict()
-  if task is not None:
-    given = {"vocab_size": task.vocab_size, "num_classes": task.num_classes,
-             "max_len": task.max_len}
-    for key, value in given.items():
-      if key in values and values[key] != value:
-        raise ValueError(f"model.{key}={values[key]} contradicts data.task="
-                         f"{config.data.task!r}, which has {key}={value}; drop the key")
-      values[key] = value
-  return values
-
 
 def _check_workdir(workdir: str) -> str:
   """The absolute workdir; a path that is a file, or that cannot be created, raises
@@ -180,10 +106,10 @@ class Run:
 
   def __init__(self, config: ml_collections.ConfigDict, *, evaluation_only: bool = False):
     """``evaluation_only``: no training extras (a distillation teacher is not loaded)."""
-    check_config(config)
+    validate.config(config)
     self.config = config
     self.task = data_lib.load(config.data, config.seed)
-    self.model_config = models.model_config(_model_dict(config, self.task))
+    self.model_config = validate.model(config, self.task)
     self.model = models.build(self.model_config)
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.rules(config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from effx import cli
 from effx.data import image, listops, pathfinder, retrieval, text
 from effx.data.base import DatasetMissingError, TaskData
 
@@ -45,23 +46,12 @@ def check_task(task: str) -> None:
 
 
 def check_config(data: Mapping[str, Any]) -> None:
-  """Unknown ``config.data`` keys and wrong types raise, naming the key."""
+  """Unknown ``config.data`` keys, wrong types (``effx.cli.check_section``'s rule) and
+  keys the chosen source does not read raise, naming the key."""
   data = dict(data)
   check_task(data.get("task"))
   known = defaults(data["task"])
-  unknown = sorted(set(data) - set(known))
-  if unknown:
-    raise ValueError(f"unknown data config key(s) for task {data['task']!r}: "
-                     f"{', '.join('data.' + k for k in unknown)}; valid keys: {', '.join(known)}")
-  for key, value in data.items():
-    default = known[key]
-    if default is None or value is None:
-      continue
-    if isinstance(default, bool) != isinstance(value, bool) or (
-        isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
-        isinstance(default, int) and not isinstance(default, bool)
-        and isinstance(value, float)) or (isinstance(default, str) and not isinstance(value, str)):
-      raise TypeError(f"data.{key}={value!r} must be a {type(default).__name__}")
+  cli.check_section("data", data, known, context=f"task {data['task']!r}")
   # A task module may define ``check(data)``: keys its chosen source does not read (a
   # generator's settings when data.dir points at release files) are errors, not ignored.
   task_check = getattr(_MODULES[data["task"]], "check", None)

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from effx import cli
 from effx.attention import registry
 from effx.layers.config import BlockConfig
 from effx.layers.memory import check_memory
@@ -107,6 +108,10 @@ class ModelConfig:
         positional=self.positional, remat=self.remat, dtype=DTYPES[self.dtype])
 
 
+DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(ModelConfig)}
+
+
 def _choice(name, value, choices):
   if value not in choices:
     raise ValueError(f"model.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
@@ -116,22 +121,7 @@ def model_config(config: Mapping[str, Any]) -> ModelConfig:
   """``ModelConfig`` from a ``config.model`` ConfigDict or dict; unknown keys and wrong
   types raise errors naming the key."""
   values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-  fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ValueError(f"unknown model config key(s): {', '.join('model.' + k for k in unknown)}"
-                     f"; valid keys: {', '.join(fields)}")
-  for name, value in values.items():
-    default = fields[name].default
-    if isinstance(default, bool) and not isinstance(value, bool):
-      raise TypeError(f"model.{name}={value!r} must be a bool")
-    if (isinstance(default, int) and not isinstance(default, bool)
-        and (not isinstance(value, int) or isinstance(value, bool))):
-      raise TypeError(f"model.{name}={value!r} must be an int")
-    if isinstance(default, float) and not isinstance(value, (int, float)):
-      raise TypeError(f"model.{name}={value!r} must be a number")
-    if isinstance(default, str) and not isinstance(value, str):
-      raise TypeError(f"model.{name}={value!r} must be a string")
+  cli.check_section("model", values, DEFAULTS)
   kwargs = values.get("attention_kwargs")
   if kwargs is not None:
     values["attention_kwargs"] = {k: tuple(v) if isinstance(v, list) else v

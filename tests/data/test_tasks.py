@@ -115,7 +115,7 @@ def test_missing_datasets_fail_clearly(tmp_path):
 def test_bad_data_config():
   with pytest.raises(ValueError, match="data.task='mnist'.*listops"):
     data.check_config({**data.defaults("listops"), "task": "mnist"})
-  with pytest.raises(ValueError, match="unknown data config key.*data.max_lenght"):
+  with pytest.raises(ValueError, match="unknown config key.*data.max_lenght"):
     data.check_config({**data.defaults("text"), "max_lenght": 3})
   with pytest.raises(TypeError, match="data.max_len='long'"):
     data.check_config({**data.defaults("text"), "max_len": "long"})

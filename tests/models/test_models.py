@@ -129,7 +129,7 @@ def test_whole_model_and_block_under_nnx():
 
 
 @pytest.mark.parametrize("overrides,error,match", [
-    (dict(hidden_size=3), ValueError, "unknown model config key.*model.hidden_size"),
+    (dict(hidden_size=3), ValueError, "unknown config key.*model.hidden_size"),
     (dict(num_layers="two"), TypeError, "model.num_layers='two' must be an int"),
     (dict(kind="seq2seq"), ValueError, "model.kind='seq2seq'"),
     (dict(num_heads=3), ValueError, "qkv_dim=16 is not divisible by model.num_heads=3"),

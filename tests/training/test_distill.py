@@ -12,7 +12,7 @@ import pytest
 
 import ml_collections
 
-from effx import cli, distill, models, trainer
+from effx import cli, distill, models, trainer, validate
 from conftest import CONFIGS, tiny_config
 
 
@@ -206,11 +206,11 @@ def test_bad_teachers_and_options_say_what_is_wrong(tmp_path):
     trainer.Run(_student(teacher, **{"distill.layer_map": (5,), "model.num_layers": 1}))
   with pytest.raises(ValueError, match="distill.kd_weight set but distill.teacher_workdir "
                                        "is empty"):
-    trainer.check_config(tiny_config("lra_listops", **{"distill.kd_weight": 2.0}))
+    validate.config(tiny_config("lra_listops", **{"distill.kd_weight": 2.0}))
   with pytest.raises(ValueError, match="distill.hidden_loss='l1'"):
-    trainer.check_config(_student(teacher, **{"distill.hidden_loss": "l1"}))
+    validate.config(_student(teacher, **{"distill.hidden_loss": "l1"}))
   with pytest.raises(ValueError, match="distill.teacher_workdir is not set"):
-    trainer.check_config(cli.load_config(f"{CONFIGS}/distill_listops.py:tiny"))
+    validate.config(cli.load_config(f"{CONFIGS}/distill_listops.py:tiny"))
 
 
 def _heads_by_hand(params, aux, which):

@@ -9,7 +9,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from effx import prune, trainer
+from effx import prune, trainer, validate
 from conftest import tiny_config
 
 
@@ -130,7 +130,7 @@ def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(tmp_path, method)
 def test_bad_pruning_options(override, match):
   config = tiny_config("lra_listops", **{"prune.method": "magnitude", **override})
   with pytest.raises((ValueError, TypeError), match=match):
-    trainer.check_config(config)
+    validate.config(config)
 
 
 def test_a_pattern_that_selects_nothing():

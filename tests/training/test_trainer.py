@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from effx import checkpoint as ckpt
-from effx import cli, metrics, trainer
+from effx import cli, metrics, trainer, validate
 from effx import workdir as workdir_lib
 from effx.evaluate import evaluate_workdir
 from conftest import CONFIGS, tiny_config
@@ -148,7 +148,7 @@ def test_attention_options_can_be_added_one_by_one():
   cli.apply_overrides(config, [("model.attention", "performer"),
                                ("model.attention_kwargs.num_features", "16")])
   assert config.model.attention_kwargs.num_features == 16
-  trainer.check_config(config)
+  validate.config(config)
 
 
 @pytest.mark.parametrize("overrides,error,match", [
@@ -171,7 +171,7 @@ def test_bad_config_fails_before_compiling(overrides, error, match):
         node = node[p]
       node[leaf] = value
   with pytest.raises(error, match=match):
-    trainer.check_config(config)
+    validate.config(config)
 
 
 def test_unknown_top_level_key():
@@ -179,7 +179,7 @@ def test_unknown_top_level_key():
   with config.unlocked():
     config.lr = 0.1
   with pytest.raises(ValueError, match="unknown config key.*config.lr"):
-    trainer.check_config(config)
+    validate.config(config)
 
 
 def test_bad_workdir_and_missing_dataset_leave_nothing_behind(tmp_path, monkeypatch):
@@ -431,3 +431,24 @@ def test_a_new_validation_subset_revalidates_the_best_checkpoint(tmp_path):
   checkpoints.close()
   on_48 = run.evaluate(best["params"], best["model_state"], "validation", limit=48)
   assert results["eval_accuracy"] == on_48["accuracy"]
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("seed", True, r"config.seed=True must be an int"),
+    ("learning_rate", "high", r"config.learning_rate='high' must be a number"),
+    ("model.num_heads", 2.0, r"model.num_heads=2.0 must be an int"),
+    ("model.attention_kwargs", 3, r"model.attention_kwargs=3 must be a mapping"),
+    ("data.tokenizer", 1, r"data.tokenizer=1 must be a string"),
+    ("prune.target_sparsity", "most", r"prune.target_sparsity='most' must be a number"),
+    ("distill.layer_map", (True,), r"distill.layer_map=\(True,\) must be a sequence of ints"),
+])
+def test_every_section_checks_types_by_one_rule(key, value, match):
+  config = tiny_config("lra_listops")
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[leaf] = value
+  with pytest.raises(TypeError, match=match):
+    validate.config(config)

@@ -1,0 +1,144 @@
+"""Every check of a training config, in one place, before anything is loaded or compiled.
+
+``config(c)`` checks the top-level keys, then each section: ``data`` (its keys and types,
+then the chosen source's own rule in the task module), ``model`` (through
+``models.model_config``, whose dataclasses also check the values when the library builds a
+model without a config), ``mesh``, ``distill`` and ``prune``. Unknown keys and wrong types
+follow one rule everywhere (``effx.cli.check_section``). Checks that need loaded data or a
+teacher (a task's vocabulary, a teacher's layers) happen when those are loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+from effx import cli
+from effx import data as data_lib
+from effx import defaults, distill as distill_lib, models, optim, prune as prune_lib, sharding
+
+# Sections with their own check below (the rest of the top level are scalars).
+SECTIONS = ("model", "data", "mesh", "sharding_rules", "distill", "prune")
+POSITIVE = ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
+            "keep_checkpoints", "log_every_steps", "grad_accum_steps", "data_threads")
+NON_NEGATIVE = ("warmup_steps", "max_eval_examples", "max_test_examples")
+
+
+def config(c: ml_collections.ConfigDict) -> None:
+  """Unknown keys, wrong types and impossible combinations of a training config raise,
+  naming the key."""
+  if "data" not in c or "task" not in c.data:
+    raise ValueError(f"config.data.task is missing (one of: {', '.join(data_lib.TASKS)})")
+  data_lib.check_task(c.data.task)
+  base = defaults.base(c.data.task)
+  unknown = sorted(set(c.keys()) - set(base.keys()))
+  if unknown:
+    raise ValueError(f"unknown config key(s): {', '.join('config.' + k for k in unknown)}; "
+                     f"valid keys: {', '.join(base.keys())}")
+  scalars = {k: v for k, v in base.items() if k not in SECTIONS}
+  cli.check_section("config", {k: c[k] for k in scalars if k in c}, scalars)
+  for key in POSITIVE:
+    if key in c and c[key] <= 0:
+      raise ValueError(f"config.{key}={c[key]} must be positive")
+  for key in NON_NEGATIVE:
+    if key in c and c[key] < 0:
+      raise ValueError(f"config.{key}={c[key]} must be >= 0")
+  if c.batch_size % c.grad_accum_steps:
+    raise ValueError(f"config.batch_size={c.batch_size} is not divisible by "
+                     f"config.grad_accum_steps={c.grad_accum_steps}")
+  optim.schedule(c)  # validates config.schedule
+  data_lib.check_config(c.data)
+  distill(c.distill)
+  prune(c.prune, c.num_train_steps)
+  expected_kind = "dual_encoder" if c.data.task == "retrieval" else "classifier"
+  if c.model.get("kind", expected_kind) != expected_kind:
+    raise ValueError(f"model.kind={c.model.kind!r} does not fit data.task="
+                     f"{c.data.task!r}, which needs model.kind={expected_kind!r}")
+  model(c)
+  mesh = sharding.mesh_shape(c.mesh, jax.device_count())
+  if c.batch_size % mesh[0]:
+    raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the mesh's "
+                     f"data axis ({mesh[0]} devices; config.mesh.data={c.mesh.data})")
+  if c.model.num_heads % mesh[1] or c.model.mlp_dim % mesh[1]:
+    raise ValueError(f"config.mesh.model={mesh[1]} must divide model.num_heads="
+                     f"{c.model.num_heads} and model.mlp_dim={c.model.mlp_dim}")
+  if (c.batch_size // c.grad_accum_steps) % mesh[0]:
+    raise ValueError("config.batch_size / config.grad_accum_steps must be divisible by "
+                     f"the mesh's data axis ({mesh[0]})")
+
+
+# Model keys the task decides; a config may repeat them only with the task's value.
+TASK_MODEL_KEYS = ("vocab_size", "num_classes", "max_len")
+
+
+def model(c: ml_collections.ConfigDict, task: data_lib.TaskData | None = None
+          ) -> models.ModelConfig:
+  """``config.model`` validated (every key, type and combination), with the task's
+  ``vocab_size``, ``num_classes`` and ``max_len`` filled in when ``task`` is given; a
+  config that sets one of those to another value raises."""
+  values = c.model.to_dict()
+  if task is not None:
+    for key in TASK_MODEL_KEYS:
+      value = getattr(task, key)
+      if key in values and values[key] != value:
+        raise ValueError(f"model.{key}={values[key]} contradicts data.task="
+                         f"{c.data.task!r}, which has {key}={value}; drop the key")
+      values[key] = value
+  return models.model_config(values)
+
+
+def distill(section: Mapping[str, Any]) -> None:
+  """``config.distill``: keys, types, and values that cannot work (``effx.distill``)."""
+  values = dict(section)
+  if values.get("teacher_workdir", "") is None:
+    raise ValueError("distill.teacher_workdir is not set: pass --config.distill."
+                     "teacher_workdir=<the workdir of a finished effx.train run>")
+  cli.check_section("distill", values, distill_lib.DEFAULTS)
+  for key in ("kd_weight", "ce_weight", "hidden_weight", "attention_weight",
+              "value_relation_weight", "attention_kl_weight", "relation_heads"):
+    if values.get(key, 0.0) < 0:
+      raise ValueError(f"distill.{key}={values[key]} must be >= 0")
+  if values.get("temperature", 1.0) <= 0:
+    raise ValueError(f"distill.temperature={values['temperature']} must be positive")
+  if values.get("hidden_loss", "mse") not in distill_lib.HIDDEN_LOSSES:
+    raise ValueError(f"distill.hidden_loss={values['hidden_loss']!r}; one of "
+                     f"{', '.join(distill_lib.HIDDEN_LOSSES)}")
+  if not values.get("teacher_workdir"):
+    changed = [k for k, default in distill_lib.DEFAULTS.items() if k != "teacher_workdir"
+               and _normal(values.get(k, default)) != _normal(default)]
+    if changed:
+      raise ValueError(f"{', '.join('distill.' + k for k in changed)} set but "
+                       "distill.teacher_workdir is empty: set the teacher's workdir, or "
+                       "leave the distill section at its defaults")
+
+
+def prune(section: Mapping[str, Any], num_train_steps: int) -> None:
+  """``config.prune``: keys, types, and values that cannot work (``effx.prune``)."""
+  cli.check_section("prune", section, prune_lib.DEFAULTS)
+  values = {**prune_lib.DEFAULTS, **dict(section)}
+  for key, choices in (("method", prune_lib.METHODS), ("scope", prune_lib.SCOPES)):
+    if values[key] not in choices:
+      raise ValueError(f"prune.{key}={values[key]!r}; one of {', '.join(choices)}")
+  for key in ("target_sparsity", "initial_sparsity"):
+    if not 0.0 <= values[key] < 1.0:
+      raise ValueError(f"prune.{key}={values[key]} must be in [0, 1)")
+  for key in ("include", "exclude"):
+    try:
+      re.compile(values[key])
+    except re.error as error:
+      raise ValueError(f"prune.{key}={values[key]!r} is not a regular expression: "
+                       f"{error}") from None
+  if values["update_every"] <= 0:
+    raise ValueError(f"prune.update_every={values['update_every']} must be positive")
+  if values["method"] != "none":
+    start, end = prune_lib.window(values, num_train_steps)
+    if not 0 <= start < end <= num_train_steps:
+      raise ValueError(f"prune.start_step={start} and end_step={end} must satisfy "
+                       f"0 <= start_step < end_step <= num_train_steps={num_train_steps}")
+
+
+def _normal(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
