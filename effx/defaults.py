@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from effx import data as data_lib
-from effx import distill, prune
+from effx import distill, prune, quant
 
 SIZES = ("full", "small", "tiny")
 
@@ -56,6 +56,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.distill = distill.defaults()
   # Magnitude pruning during training (effx.prune); method "none" keeps it off.
   c.prune = prune.defaults()
+  # Quantization-aware training or an integer export (effx.quant); mode "none" keeps it off.
+  c.quant = quant.defaults()
   return c
 
 

@@ -62,7 +62,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from effx import axes, models
+from effx import axes, models, quant
 from effx.objectives import Classification, forward
 
 DEFAULTS = dict(teacher_workdir="", temperature=2.0, kd_weight=1.0, ce_weight=0.1,
@@ -145,7 +145,7 @@ class Teacher:
       if a != b:
         raise ValueError(f"{where}: the teacher has model.{key}={a!r}, the student {b!r}")
     self.config, self.model_config = config, teacher_model_config
-    self.model = models.build(teacher_model_config)
+    self.model = quant.wrap(models.build(teacher_model_config), config.quant)
     dummy = jnp.zeros((1, task.max_len), jnp.int32)
     dummies = (dummy, dummy) if task.dual else (dummy,)
     shapes = jax.eval_shape(

@@ -47,6 +47,8 @@ def restore(workdir: str, checkpoint: str | int = "latest"):
   run = trainer.Run(config, evaluation_only=True)
   checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
   try:
+    if checkpoint == "latest" and config.quant.mode == "int":
+      checkpoint = "best"  # an integer export holds its parameters only, as best
     if checkpoint == "best":
       step = checkpoints.best.latest_step()
       if step is None:
@@ -81,6 +83,8 @@ def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = 
     ``workdir/eval_<split>_<checkpoint>_<step>.json``.
   """
   run, params, model_state, step = restore(workdir, checkpoint)
+  if run.config.quant.mode == "int":
+    checkpoint = "best"  # what restore reads for an integer export
   name = str(checkpoint) if str(checkpoint) in ("latest", "best") else "step"
   result = {"checkpoint": name, "step": step, "split": split,
             **run.evaluate(params, model_state, split)}

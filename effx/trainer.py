@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from effx import checkpoint as ckpt
 from effx import data as data_lib
 from effx import defaults, distill, metrics, models, objectives, optim, prune, sharding, steps
-from effx import validate
+from effx import quant, validate
 from effx import workdir as workdir_lib
 from effx.data import pipeline
 
@@ -110,7 +110,7 @@ class Run:
     self.config = config
     self.task = data_lib.load(config.data, config.seed)
     self.model_config = validate.model(config, self.task)
-    self.model = models.build(self.model_config)
+    self.model = quant.wrap(models.build(self.model_config), config.quant)
     self.mesh = sharding.make_mesh(config.mesh)
     self.rules = sharding.rules(config)
     self.tx = optim.optimizer(config)
@@ -126,8 +126,10 @@ class Run:
       variables = self.model.init({"params": rng, "dropout": rng}, *dummies, train=False)
       params = variables["params"]
       model_state = {k: v for k, v in variables.items() if k != "params"}
+      # An integer export is evaluated only: no optimizer state over its integers.
+      opt_state = () if config.quant.mode == "int" else self.tx.init(params)
       return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=self.tx.init(params), model_state=model_state)
+                              opt_state=opt_state, model_state=model_state)
 
     with self.context():
       boxed = jax.eval_shape(init, self.init_key)
@@ -208,7 +210,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   # Sections added to effx after the run was made take their defaults (they were off).
   base = defaults.base(config.data.task)
   with config.unlocked():
-    for section in ("distill", "prune"):
+    for section in ("distill", "prune", "quant"):
       if section not in config:
         config[section] = base[section]
   return config
@@ -219,6 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tests the best-on-validation parameters. Returns (and writes to
   ``workdir/results.json``) the results."""
   start_time = time.perf_counter()
+  if config.quant.mode == "int":
+    raise ValueError("config.quant.mode='int' is an integer export (python -m effx.quantize) "
+                     "for evaluation; train with mode 'none' or 'qat' and export after")
   workdir = _check_workdir(workdir)
   run = Run(config)  # validates the config and loads the data; writes nothing
   config_values = json.loads(config.to_json_best_effort())

@@ -18,10 +18,11 @@ import ml_collections
 
 from effx import cli
 from effx import data as data_lib
-from effx import defaults, distill as distill_lib, models, optim, prune as prune_lib, sharding
+from effx import defaults, distill as distill_lib, models, optim, prune as prune_lib
+from effx import quant as quant_lib, sharding
 
 # Sections with their own check below (the rest of the top level are scalars).
-SECTIONS = ("model", "data", "mesh", "sharding_rules", "distill", "prune")
+SECTIONS = ("model", "data", "mesh", "sharding_rules", "distill", "prune", "quant")
 POSITIVE = ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_every_steps",
             "keep_checkpoints", "log_every_steps", "grad_accum_steps", "data_threads")
 NON_NEGATIVE = ("warmup_steps", "max_eval_examples", "max_test_examples")
@@ -57,7 +58,8 @@ def config(c: ml_collections.ConfigDict) -> None:
   if c.model.get("kind", expected_kind) != expected_kind:
     raise ValueError(f"model.kind={c.model.kind!r} does not fit data.task="
                      f"{c.data.task!r}, which needs model.kind={expected_kind!r}")
-  model(c)
+  quant(c.quant)
+  quant_lib.check_model(c.quant, model(c))
   mesh = sharding.mesh_shape(c.mesh, jax.device_count())
   if c.batch_size % mesh[0]:
     raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the mesh's "
@@ -138,6 +140,31 @@ def prune(section: Mapping[str, Any], num_train_steps: int) -> None:
     if not 0 <= start < end <= num_train_steps:
       raise ValueError(f"prune.start_step={start} and end_step={end} must satisfy "
                        f"0 <= start_step < end_step <= num_train_steps={num_train_steps}")
+
+
+def quant(section: Mapping[str, Any]) -> None:
+  """``config.quant``: keys, types, and values that cannot work (``effx.quant``)."""
+  cli.check_section("quant", section, quant_lib.DEFAULTS)
+  values = {**quant_lib.DEFAULTS, **dict(section)}
+  if values["mode"] not in quant_lib.MODES:
+    raise ValueError(f"quant.mode={values['mode']!r}; one of {', '.join(quant_lib.MODES)}")
+  if values["weight_qtype"] not in quant_lib.WEIGHT_QTYPES:
+    raise ValueError(f"quant.weight_qtype={values['weight_qtype']!r}; one of "
+                     f"{', '.join(quant_lib.WEIGHT_QTYPES)}")
+  if values["act_qtype"] == "int4":
+    raise ValueError("quant.act_qtype='int4': 4-bit activations (w4a4) do not compile on "
+                     "XLA:CPU; use act_qtype='int8' or 'none' (weight-only)")
+  if values["act_qtype"] not in quant_lib.ACT_QTYPES:
+    raise ValueError(f"quant.act_qtype={values['act_qtype']!r}; one of "
+                     f"{', '.join(quant_lib.ACT_QTYPES)}")
+  if values["tile_size"] < 0:
+    raise ValueError(f"quant.tile_size={values['tile_size']} must be >= 0 (0: per channel)")
+  for key in ("include", "exclude"):
+    try:
+      re.compile(values[key])
+    except re.error as error:
+      raise ValueError(f"quant.{key}={values[key]!r} is not a regular expression: "
+                       f"{error}") from None
 
 
 def _normal(value):

@@ -34,6 +34,8 @@ convolves padded values; effx does neither.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,9 +61,12 @@ def iterative_pinv(a: jax.Array, iters: int) -> jax.Array:
   norm_1 = jnp.max(jnp.sum(jnp.abs(a), axis=-2), axis=-1)[..., None, None]
   norm_inf = jnp.max(jnp.sum(jnp.abs(a), axis=-1), axis=-1)[..., None, None]
   z = jnp.swapaxes(a, -1, -2) / (norm_1 * norm_inf)
+  # einsum, not `@`: every contraction of a family goes through dot_general, where
+  # quantization rules (effx.quant) can reach it.
+  mm = functools.partial(jnp.einsum, "...ij,...jk->...ik")
   for _ in range(iters):
-    az = a @ z
-    z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    az = mm(a, z)
+    z = 0.25 * mm(z, 13 * eye - mm(az, 15 * eye - mm(az, 7 * eye - az)))
   return z
 
 
@@ -131,7 +136,7 @@ def nystrom_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
   kernel_2 = jnp.where(both, kernel_2, jnp.eye(m, dtype=f32))
   kernel_3 = _softmax(jnp.einsum("bmhd,blhd->bhml", q_land, ks), valid[:, None, None, :])
   context = jnp.einsum("bhml,blhd->bhmd", kernel_3, vs)
-  context = iterative_pinv(kernel_2, pinv_iters) @ context
+  context = jnp.einsum("bhnm,bhmd->bhnd", iterative_pinv(kernel_2, pinv_iters), context)
   out = jnp.einsum("bhlm,bhmd->blhd", kernel_1, context)
   if conv_kernel is not None:
     out = out + value_conv(vs, conv_kernel)
