@@ -13,6 +13,7 @@ import pytest
 import qwix
 
 from effx import evaluate, models, quant, quantize, trainer, validate
+from effx.bench import students
 from conftest import tiny_config
 
 CONFIG = dict(kind="classifier", vocab_size=20, max_len=32, num_classes=3, num_layers=2,
@@ -126,6 +127,16 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
   qat_test = evaluate.evaluate_workdir(str(tmp_path / "straight"), "test", "best")
   assert int_test["step"] == qat_test["step"]
   assert abs(int_test["accuracy"] - qat_test["accuracy"]) <= 3 / 64  # <= 3 of 64 examples
+  # The size / latency / accuracy report over both, each measured in a fresh process.
+  rows = students.run([str(tmp_path / "straight"), str(tmp_path / "int8")], ["qat", "int8"],
+                      teacher=0, batches=[1, 4], calls=3, warmup=1, timeout_s=300,
+                      out=str(tmp_path / "report"))
+  assert [r["status"] for r in rows] == ["ok", "ok"], rows
+  assert rows[1]["bytes"] == summary["bytes"][1] and rows[1]["disk_bytes"] > 0
+  assert rows[1]["test_accuracy"] == int_test["accuracy"]
+  assert rows[1]["size_vs_teacher"] < 0.5 and rows[1]["latency_b4_ms"] > 0
+  for name in ("students.csv", "students.md", "students.png"):
+    assert (tmp_path / "report" / name).stat().st_size > 0
   with pytest.raises(ValueError, match="already an integer export"):
     quantize.export(str(tmp_path / "int8"), str(tmp_path / "again"))
   with pytest.raises(FileExistsError, match="exists; the export writes a new workdir"):

@@ -1,0 +1,209 @@
+"""Size, latency and accuracy of a teacher and its compact students, side by side.
+
+  python -m effx.bench.students --workdirs=/tmp/teacher,/tmp/student,/tmp/student_int8 \\
+      --out=experiments/results/cpu/compact_students
+
+Each workdir (an ``effx.train`` run, or an export of ``effx.structured`` /
+``effx.quantize``) is measured in a fresh process, one after the other in one run: its
+best checkpoint's parameters (count, and bytes from bit widths: int8 one byte, int4 half
+a byte, scales and float leaves their dtype's size), the checkpoint's bytes on disk, the
+forward pass's latency (mean ± standard deviation over ``--calls`` timed calls after
+``--warmup`` untimed ones) at each ``--batches`` size on real test inputs, the
+throughput, and test accuracy (read from the run's results when they are of the same
+checkpoint, else evaluated). The first workdir is the teacher unless ``--teacher`` names
+another: the table gives each run's size, latency and accuracy relative to it. Writes
+``students.csv``, ``students.md`` and ``students.png`` (accuracy against latency at the
+largest batch, marker area proportional to bytes, the teacher marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+from effx.bench import harness
+
+COLUMNS = ("name", "workdir", "status", "parameters", "bytes", "disk_bytes", "test_accuracy",
+           "step", "size_vs_teacher", "speedup_vs_teacher", "accuracy_delta", "detail")
+
+
+def _accuracy(workdir: str, step: int, run, params, model_state) -> float:
+  for path in glob.glob(os.path.join(workdir, f"eval_test_best_{step}.json")):
+    with open(path, encoding="utf-8") as f:
+      return float(json.load(f)["accuracy"])
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results):
+    with open(results, encoding="utf-8") as f:
+      values = json.load(f)
+    if values.get("best_step") == step and "test_accuracy" in values:
+      return float(values["test_accuracy"])
+  return float(run.evaluate(params, model_state, "test")["accuracy"])
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+  """Measures one workdir (in its own process)."""
+  import jax  # noqa: PLC0415
+  import qwix  # noqa: PLC0415
+
+  from effx import evaluate, objectives, quant  # noqa: PLC0415
+  from effx.data import pipeline  # noqa: PLC0415
+
+  workdir = spec["workdir"]
+  run, params, model_state, step = evaluate.restore(workdir, "best")
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, qwix.QArray))
+  parameters = sum(int(x.qvalue.size) if isinstance(x, qwix.QArray) else int(x.size)
+                   for x in leaves)
+  disk = sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(os.path.join(workdir, "best", str(step)))
+             for name in names)
+  result = {"status": "ok", "parameters": parameters, "bytes": quant.size_bytes(params),
+            "disk_bytes": disk, "step": step,
+            "test_accuracy": _accuracy(workdir, step, run, params, model_state)}
+  forward = jax.jit(lambda p, s, b: objectives.forward(run.model, p, s, b, train=False)[0])
+  for batch_size in spec["batches"]:
+    batch = next(pipeline.eval_batches(run.task.splits["test"], batch_size))
+    batch = {k: v for k, v in batch.items() if k.startswith("inputs")}
+    for _ in range(spec["warmup"]):
+      jax.block_until_ready(forward(params, model_state, batch))
+    times = []
+    for _ in range(spec["calls"]):
+      start = time.perf_counter()
+      jax.block_until_ready(forward(params, model_state, batch))
+      times.append(time.perf_counter() - start)
+    mean = statistics.fmean(times)
+    result[f"latency_b{batch_size}_ms"] = 1e3 * mean
+    result[f"latency_b{batch_size}_std_ms"] = 1e3 * statistics.stdev(times)
+    result[f"throughput_b{batch_size}"] = batch_size / mean
+  return result
+
+
+def run(workdirs: list[str], names: list[str], *, teacher: int, batches: list[int],
+        calls: int, warmup: int, timeout_s: float, out: str | None) -> list[dict[str, Any]]:
+  """Measures every workdir in a fresh process; returns the table's rows."""
+  rows = []
+  for i, (name, workdir) in enumerate(zip(names, workdirs)):
+    print(f"[{i + 1}/{len(workdirs)}] {name}: {workdir}", flush=True)
+    spec = {"workdir": workdir, "batches": batches, "calls": calls, "warmup": warmup}
+    rows.append({"name": name, "workdir": workdir,
+                 **harness.run_isolated("effx.bench.students", spec, timeout_s)})
+  base = rows[teacher]
+  last = f"latency_b{batches[-1]}_ms"
+  for row in rows:
+    if row.get("status") == "ok" and base.get("status") == "ok":
+      row["size_vs_teacher"] = row["bytes"] / base["bytes"]
+      row["speedup_vs_teacher"] = base[last] / row[last]
+      row["accuracy_delta"] = row["test_accuracy"] - base["test_accuracy"]
+  if out:
+    os.makedirs(out, exist_ok=True)
+    columns = list(COLUMNS)
+    for b in batches:
+      columns[-1:-1] = [f"latency_b{b}_ms", f"latency_b{b}_std_ms", f"throughput_b{b}"]
+    harness.write_csv(os.path.join(out, "students.csv"), rows, columns)
+    with open(os.path.join(out, "students.md"), "w", encoding="utf-8") as f:
+      f.write("\n".join(table(rows, batches, teacher)) + "\n\n" + harness.command_line()
+              + "\n\n" + json.dumps(harness.device_info()) + "\n")
+    plot(rows, teacher, batches[-1], os.path.join(out, "students.png"))
+  return rows
+
+
+def table(rows, batches: list[int], teacher: int) -> list[str]:
+  """The markdown table."""
+  head = ["run", "parameters", "size (bytes)", *(f"latency b{b} (ms)" for b in batches),
+          f"throughput b{batches[-1]} (ex/s)", "test accuracy", "size ×", "speed ×",
+          "accuracy Δ"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for i, r in enumerate(rows):
+    name = r["name"] + (" (teacher)" if i == teacher else "")
+    if r.get("status") != "ok":
+      lines.append(f"| {name} | {r.get('status')}: {r.get('detail')} |")
+      continue
+    lat = [f"{r[f'latency_b{b}_ms']:.2f} ± {r[f'latency_b{b}_std_ms']:.2f}" for b in batches]
+    size = r.get("size_vs_teacher")
+    lines.append("| " + " | ".join([
+        name, f"{r['parameters']:,}", f"{r['bytes']:,}", *lat,
+        f"{r[f'throughput_b{batches[-1]}']:.0f}", f"{100 * r['test_accuracy']:.1f}%",
+        "" if size is None else f"{1 / size:.2f}× smaller",
+        "" if size is None else f"{r['speedup_vs_teacher']:.2f}× faster",
+        "" if size is None else f"{100 * r['accuracy_delta']:+.1f} pt"]) + " |")
+  return lines
+
+
+def plot(rows, teacher: int, batch: int, path: str) -> None:
+  """Accuracy against latency at ``batch``; marker area proportional to bytes."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  ok = [(i, r) for i, r in enumerate(rows) if r.get("status") == "ok"]
+  if not ok:
+    return
+  largest = max(r["bytes"] for _, r in ok)
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  for i, r in ok:
+    x, y = r[f"latency_b{batch}_ms"], 100 * r["test_accuracy"]
+    ax.scatter([x], [y], s=2000 * r["bytes"] / largest, alpha=0.45,
+               color="tab:red" if i == teacher else "tab:blue", edgecolors="black")
+    ax.annotate(r["name"] + (" (teacher)" if i == teacher else ""), (x, y), fontsize=8,
+                xytext=(6, 6), textcoords="offset points")
+  ax.set_xlabel(f"latency at batch {batch} (ms, mean of the timed calls)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("Compact students: accuracy vs latency (marker area ∝ bytes)", fontsize=10)
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  parser.add_argument("--workdirs", help="comma-separated workdirs; the first is the "
+                      "teacher unless --teacher says otherwise")
+  parser.add_argument("--names", default="", help="comma-separated labels (default: the "
+                      "workdirs' folder names)")
+  parser.add_argument("--teacher", default="", help="which workdir is the teacher")
+  parser.add_argument("--batches", default="1,32")
+  parser.add_argument("--calls", type=int, default=100, help="timed calls per batch size")
+  parser.add_argument("--warmup", type=int, default=10)
+  parser.add_argument("--timeout-s", type=float, default=900.0, help="per workdir")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(json.loads(args.worker))))
+    return
+  if not args.workdirs:
+    parser.error("--workdirs is required")
+  workdirs = [w for w in args.workdirs.split(",") if w]
+  for w in workdirs:
+    if not os.path.exists(os.path.join(w, "config.json")):
+      parser.error(f"--workdirs: {w} is not an effx.train workdir (no config.json)")
+  names = [n for n in args.names.split(",") if n] or [
+      os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(names) != len(workdirs):
+    parser.error(f"--names gives {len(names)} labels for {len(workdirs)} workdirs")
+  teacher = 0
+  if args.teacher:
+    if args.teacher not in workdirs:
+      parser.error(f"--teacher={args.teacher} is not one of --workdirs")
+    teacher = workdirs.index(args.teacher)
+  if args.calls < 2 or args.warmup < 0:
+    parser.error("--calls must be at least 2 (for a standard deviation), --warmup >= 0")
+  try:
+    batches = [int(b) for b in args.batches.split(",")]
+  except ValueError:
+    parser.error(f"--batches={args.batches}: comma-separated batch sizes, e.g. 1,32")
+  if not batches or min(batches) <= 0:
+    parser.error(f"--batches={args.batches}: batch sizes must be positive")
+  rows = run(workdirs, names, teacher=teacher, batches=batches, calls=args.calls,
+             warmup=args.warmup, timeout_s=args.timeout_s, out=args.out)
+  print("\n".join(table(rows, batches, teacher)))
+
+
+if __name__ == "__main__":
+  main()
