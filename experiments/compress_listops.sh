@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The compact-students table on ListOps :small: a teacher; students with 46% and 13% of
-# its parameters trained alone and distilled; the teacher pruned to 80% sparsity
+# its parameters trained alone and distilled (logits, + hidden states, + value relation,
+# performer attention); the teacher pruned to 80% sparsity
 # (magnitude, movement); the teacher with half its heads and MLP units removed, as
 # exported and after fine-tuning. Runs whose results.json exists are skipped.
 #   bash experiments/compress_listops.sh /tmp/compress experiments/results/cpu/compress_listops [STEPS]
@@ -23,9 +24,11 @@ train teacher --config=configs/lra_listops.py:small
 train student_alone --config=configs/lra_listops.py:small $half
 train student_kd $kd
 train student_kd_hidden $kd --config.distill.hidden_weight=1.0
+train student_kd_value_relation $kd --config.distill.value_relation_weight=1.0
 train student_kd_performer $kd --config.model.attention=performer
 train small_student_alone --config=configs/lra_listops.py:small $small
 train small_student_kd $kd $small
+train small_student_kd_value_relation $kd $small --config.distill.value_relation_weight=1.0
 train teacher_pruned_80 --config=configs/lra_listops.py:small \
     --config.prune.method=magnitude --config.prune.target_sparsity=0.8
 train teacher_movement_80 --config=configs/lra_listops.py:small \
@@ -54,8 +57,9 @@ def add(name, parameters, test, validation, best_step, trained, sparsity=0.0):
                "validation_accuracy": validation, "best_step": best_step, "steps": trained,
                "test_vs_teacher": f"{test / teacher['test_accuracy']:.3f}"})
 for name in ["teacher", "student_alone", "student_kd", "student_kd_hidden",
-             "student_kd_performer", "small_student_alone", "small_student_kd",
-             "teacher_pruned_80", "teacher_movement_80"]:
+             "student_kd_value_relation", "student_kd_performer", "small_student_alone",
+             "small_student_kd", "small_student_kd_value_relation", "teacher_pruned_80",
+             "teacher_movement_80"]:
   r = json.load(open(os.path.join(runs, name, "results.json")))
   add(name, r["num_parameters"], r["test_accuracy"], r["eval_accuracy"], r["best_step"],
       r["step"], r.get("sparsity", {}).get("all", 0.0))
