@@ -36,3 +36,23 @@ def get_config(size=None):
     c.data.update(min_length=8, max_length=64, num_train=500, num_valid=64, num_test=64)
     c.learning_rate = 0.005
   return c
+
+
+def sweep_families(add, arg=None):
+  """Every attention family at its defaults (``python -m effx.sweep --sweep=families``);
+  the families' own options (window, features, landmarks) are effx's defaults, which
+  follow the papers."""
+  del arg
+  from effx.attention import registry  # noqa: PLC0415
+
+  for family in registry.names():
+    add(**{"model.attention": family})
+
+
+def sweep_lr(add, arg=None):
+  """Peak learning rate x warm-up steps for the dense Transformer (``--sweep=lr``)."""
+  from effx import sweep  # noqa: PLC0415
+
+  rates = (0.001, 0.005, 0.01) if arg in ("small", "tiny") else (0.01, 0.05, 0.1)
+  for overrides in sweep.product(learning_rate=rates, warmup_steps=(100, 1000)):
+    add(**overrides)

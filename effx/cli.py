@@ -59,14 +59,21 @@ def check_section(section: str, values, defaults, *, context: str = "") -> None:
       raise TypeError(f"{section}.{key}={value!r} must be {kind}")
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """``path/to/config.py`` or ``path/to/config.py:arg`` -> ``get_config([arg])``."""
+def load_module(spec: str):
+  """The config file of ``path/to/config.py[:arg]`` as a module, and ``arg`` (or None)."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--config={spec}: no config file {path!r}")
   module_spec = importlib.util.spec_from_file_location("effx_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module, (arg or None)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``path/to/config.py`` or ``path/to/config.py:arg`` -> ``get_config([arg])``."""
+  path = spec.partition(":")[0]
+  module, arg = load_module(spec)
   if not hasattr(module, "get_config"):
     raise ValueError(f"--config={spec}: {path} defines no get_config()")
   return module.get_config(arg) if arg else module.get_config()
@@ -101,24 +108,31 @@ def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
   """Sets each ``(dotted key, value text)``; unknown keys and wrong types raise."""
   for key, text in overrides:
-    *parents, leaf = key.split(".")
-    node, walked = config, []
-    for name in parents:
-      walked.append(name)
-      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-        raise ValueError(f"--config.{key}: unknown key config.{'.'.join(walked)}")
-      node = node[name]
-    open_mapping = ".".join(parents) in OPEN_MAPPINGS
-    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_mapping):
-      valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-      raise ValueError(f"--config.{key}: unknown key config.{key}; valid keys here: {valid}")
-    value = parse_value(text)
-    try:
-      with node.unlocked():
-        node[leaf] = value
-    except TypeError as error:
-      raise TypeError(f"--config.{key}={text}: wrong type ({error})") from None
+    set_value(config, key, parse_value(text), text)
   return config
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value, text: str | None = None
+              ) -> None:
+  """Sets the dotted ``key`` to ``value``; an unknown key or a wrong type raises, naming
+  the key (``text``: the value as the user wrote it, for the message)."""
+  text = repr(value) if text is None else text
+  *parents, leaf = key.split(".")
+  node, walked = config, []
+  for name in parents:
+    walked.append(name)
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise ValueError(f"--config.{key}: unknown key config.{'.'.join(walked)}")
+    node = node[name]
+  open_mapping = ".".join(parents) in OPEN_MAPPINGS
+  if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not open_mapping):
+    valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+    raise ValueError(f"--config.{key}: unknown key config.{key}; valid keys here: {valid}")
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except TypeError as error:
+    raise TypeError(f"--config.{key}={text}: wrong type ({error})") from None
 
 
 class _QuietLibraries(logging.Filter):

@@ -1,0 +1,138 @@
+"""Sweeps: definition and checks, the local launcher end to end, resume after Ctrl-C,
+failed trials, dry runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from effx import sweep, trainer
+from conftest import CONFIGS
+
+SWEEP_CONFIG = """
+from effx import cli
+
+
+def get_config(arg=None):
+  c = cli.load_config("{configs}/lra_listops.py:tiny")
+  c.update(dict(num_train_steps=10, eval_every_steps=5, checkpoint_every_steps=5,
+                log_every_steps=5, max_eval_examples=16, warmup_steps=2,
+                schedule="constant", learning_rate=0.003))
+  c.model.update(dropout_rate=0.0, attention_dropout_rate=0.0)
+  return c
+
+
+def sweep(add, arg=None):
+  for lr in (0.001, 0.003):
+    add(learning_rate=lr)
+
+
+def sweep_with_failure(add, arg=None):
+  add(learning_rate=0.001)
+  add(init_checkpoint="{missing}")  # valid config, fails when the run starts
+
+
+def sweep_long(add, arg=None):
+  add(**{{"num_train_steps": 150, "model.attention": "local"}})
+  add(learning_rate=0.002)
+
+
+def sweep_typo(add, arg=None):
+  add(learning_rate=0.001)
+  add(**{{"model.atention": "local"}})
+"""
+
+
+@pytest.fixture
+def spec(tmp_path):
+  path = tmp_path / "sweep_config.py"
+  path.write_text(SWEEP_CONFIG.format(configs=CONFIGS, missing=tmp_path / "missing"))
+  return str(path)
+
+
+def _sweep(spec, workdir, *args):
+  return [sys.executable, "-m", "effx.sweep", f"--config={spec}", f"--workdir={workdir}",
+          *args]
+
+
+def test_grid_helpers_names_and_commands(spec, tmp_path):
+  assert sweep.product(a=[1, 2], b=["x"]) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+  assert sweep.zipped(a=[1, 2], b=[3, 4]) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+  with pytest.raises(ValueError, match="different lengths"):
+    sweep.zipped(a=[1], b=[2, 3])
+  assert sweep.trial_name({"model.attention": "local", "learning_rate": 0.01}) == \
+      "attention-local_learning_rate-0.01"
+  trials = sweep.define(spec, "long")
+  cmd = sweep.command(spec, "/runs", trials[0])
+  assert cmd[1:] == ["-m", "effx.train", f"--config={spec}",
+                     "--workdir=/runs/num_train_steps-150_attention-local",
+                     "--config.num_train_steps=150", "--config.model.attention=local"]
+  with pytest.raises(ValueError, match="trial 'atention-local': --config.model.atention: "
+                                       "unknown key"):
+    sweep.define(spec, "typo")
+  with pytest.raises(ValueError, match="defines no sweep_nope.*sweeps there: "
+                                       r"\(default\), long, typo, with_failure"):
+    sweep.define(spec, "nope")
+  out = subprocess.run(_sweep(spec, tmp_path / "dry", "--dry-run"), capture_output=True,
+                       text=True, check=True).stdout.splitlines()
+  assert [line.split()[-1] for line in out] == ["--config.learning_rate=0.001",
+                                                "--config.learning_rate=0.003"]
+  assert not (tmp_path / "dry").exists()
+
+
+def test_a_sweep_runs_in_parallel_records_a_failure_and_resumes_by_rerunning(spec, tmp_path):
+  workdir = tmp_path / "sweep"
+  done = subprocess.run(_sweep(spec, workdir, "--sweep=with_failure", "--parallel=2"),
+                        capture_output=True, text=True)
+  assert done.returncode == 1 and "failed: init_checkpoint" in done.stderr
+  manifest = json.loads((workdir / "sweep.json").read_text())
+  good, bad = manifest["trials"]
+  assert good["status"] == "done" and bad["status"] == "failed"
+  assert bad["attempts"] == 2 and "missing" in bad["error"]
+  results = json.loads((workdir / good["name"] / "results.json").read_text())
+  assert good["results"]["test_accuracy"] == results["test_accuracy"]
+  table = (workdir / "results.md").read_text()
+  assert f"| {good['name']} | 0.001 |  | done | {100 * results['test_accuracy']:.1f}%" in table
+  assert f"| {bad['name']} |  | {tmp_path / 'missing'} | failed |  |" in table
+  assert (workdir / "curves.png").stat().st_size > 0
+  assert (workdir / "logs" / f"{bad['name']}.log").read_text().count("error:") == 2
+  # Rerunning skips the finished trial (its workdir is untouched) and retries the failure.
+  sessions = (workdir / good["name"] / "sessions.json").read_text()
+  again = subprocess.run(_sweep(spec, workdir, "--sweep=with_failure"), capture_output=True,
+                         text=True)
+  assert again.returncode == 1
+  assert (workdir / good["name"] / "sessions.json").read_text() == sessions
+  assert json.loads((workdir / "sweep.json").read_text())["trials"][1]["attempts"] == 4
+  with pytest.raises(SystemExit):  # another sweep in the same folder is refused
+    sweep.main([f"--config={spec}", f"--workdir={workdir}", "--sweep=long"])
+
+
+def test_ctrl_c_stops_a_sweep_and_the_rerun_finishes_it_exactly(spec, tmp_path):
+  workdir = tmp_path / "sweep"
+  process = subprocess.Popen(_sweep(spec, workdir, "--sweep=long"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  first = workdir / "num_train_steps-150_attention-local"
+  deadline = time.time() + 240
+  while not (first / "checkpoints" / "5").exists():  # well into the first trial
+    assert time.time() < deadline and process.poll() is None
+    time.sleep(0.5)
+  process.send_signal(signal.SIGINT)
+  assert process.wait(timeout=120) == 130
+  manifest = json.loads((workdir / "sweep.json").read_text())
+  assert [t["status"] for t in manifest["trials"]] == ["interrupted", "pending"]
+  subprocess.run(_sweep(spec, workdir, "--sweep=long"), check=True, capture_output=True)
+  manifest = json.loads((workdir / "sweep.json").read_text())
+  assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
+  sessions = json.loads((first / "sessions.json").read_text())
+  assert len(sessions) == 2 and sessions[1]["start_step"] > 0
+  # The interrupted trial ends exactly where an uninterrupted run ends.
+  config = trainer.load_workdir_config(str(first))
+  straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  resumed = json.loads((first / "results.json").read_text())
+  assert resumed["final_train_loss"] == straight["final_train_loss"]
+  assert resumed["test_accuracy"] == straight["test_accuracy"]
+  assert os.path.exists(workdir / "results.csv")
