@@ -19,6 +19,11 @@ sweep: finished trials are skipped, interrupted ones resume from their own check
 recorded as failed with the end of its log; one failure never stops the others. Ctrl-C
 stops the running trials (each checkpoints first) and leaves them to the next rerun.
 
+Slurm launcher (``--launcher=slurm``): ``<workdir>/slurm/sweep.sbatch`` runs the
+unfinished trials as one job array (``--parallel`` tasks at a time, ``--nodes`` per trial
+with ``--distributed`` when more than one), submitted with ``sbatch``; ``--report`` reads
+the results as they arrive, ``--resubmit`` submits what an ended job left unfinished.
+
 Local launcher: each trial is a ``python -m effx.train`` subprocess, ``--parallel`` at a
 time; with GPUs (``nvidia-smi -L``) each trial gets one through ``CUDA_VISIBLE_DEVICES``,
 otherwise the CPU cores are split between the running trials (CPU affinity). Logs go to
@@ -73,7 +78,7 @@ class Trial:
 
   name: str
   overrides: dict[str, Any]
-  status: str = "pending"   # pending | running | done | failed | interrupted
+  status: str = "pending"   # pending | running | done | failed | interrupted | submitted
   attempts: int = 0
   error: str = ""
   results: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -133,11 +138,15 @@ def define(spec: str, sweep: str | None) -> list[Trial]:
   return trials
 
 
-def command(spec: str, workdir: str, trial: Trial) -> list[str]:
+def command(spec: str, workdir: str, trial: Trial, *, python: str = sys.executable,
+            distributed: bool = False) -> list[str]:
   """The ``effx.train`` command line of ``trial`` (values written so that ``effx.train``
-  parses them back to the same values)."""
-  return [sys.executable, "-m", "effx.train", f"--config={spec}",
+  parses them back to the same values); ``distributed`` adds ``--distributed`` (every
+  process calls ``jax.distributed.initialize()``, which reads Slurm's or the TPU's
+  environment)."""
+  return [python, "-m", "effx.train", f"--config={spec}",
           f"--workdir={os.path.join(workdir, trial.name)}",
+          *(["--distributed"] if distributed else []),
           *(f"--config.{k}={_text(v)}" for k, v in trial.overrides.items())]
 
 
@@ -291,6 +300,75 @@ def run_local(spec: str, workdir: str, manifest: Manifest, parallel: int,
     raise
 
 
+def slurm_script(spec: str, workdir: str, trials: list[Trial], *, parallel: int, nodes: int,
+                 gpus_per_node: int, time_limit: str, partition: str, sweep: str | None
+                 ) -> tuple[str, str]:
+  """``(sbatch script, commands file)`` running ``trials`` as one Slurm job array,
+  ``parallel`` array tasks at a time, each on ``nodes`` nodes with one process per node
+  (multi-node trials initialise ``jax.distributed`` from Slurm's environment)."""
+  commands_path = os.path.join(workdir, "slurm", "commands.txt")
+  commands = "".join(shlex.join(command(spec, workdir, t, python="python",
+                                        distributed=nodes > 1)) + "\n" for t in trials)
+  lines = ["#!/bin/bash",
+           f"#SBATCH --job-name=effx-{sweep or 'sweep'}",
+           f"#SBATCH --array=0-{len(trials) - 1}%{parallel}",
+           f"#SBATCH --nodes={nodes}",
+           "#SBATCH --ntasks-per-node=1",
+           *([f"#SBATCH --gpus-per-node={gpus_per_node}"] if gpus_per_node else []),
+           f"#SBATCH --time={time_limit}",
+           *([f"#SBATCH --partition={partition}"] if partition else []),
+           f"#SBATCH --output={os.path.join(workdir, 'logs', 'slurm-%A_%a.log')}",
+           "set -euo pipefail",
+           f"cd {shlex.quote(os.getcwd())}",
+           "# Line SLURM_ARRAY_TASK_ID + 1 of the commands file is this task's trial.",
+           f'line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(commands_path)})',
+           'srun bash -c "$line"']
+  return "\n".join(lines) + "\n", commands
+
+
+def submit_slurm(spec: str, workdir: str, manifest: Manifest, *, resubmit: bool = False,
+                 **options) -> str:
+  """Writes ``<workdir>/slurm/{sweep.sbatch,commands.txt}`` for the unfinished trials and
+  submits the script with ``sbatch``; returns sbatch's answer. Trials submitted before
+  that have no results yet are submitted again only with ``resubmit`` (two jobs must
+  not train one workdir at once)."""
+  waiting = [t.name for t in manifest.trials if t.status == "submitted"]
+  if waiting and not resubmit:
+    raise ValueError(f"{len(waiting)} trial(s) were submitted before and have no results "
+                     f"yet ({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''}); "
+                     "--report shows the results so far; once that job has ended, "
+                     "--resubmit submits the unfinished trials again")
+  pending = [t for t in manifest.trials if t.status != "done"]
+  if not pending:
+    return "every trial is done"
+  script, commands = slurm_script(spec, workdir, pending, sweep=manifest.sweep, **options)
+  from effx import workdir as workdir_lib  # noqa: PLC0415
+
+  os.makedirs(os.path.join(workdir, "slurm"), exist_ok=True)
+  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+  for name, text in (("sweep.sbatch", script), ("commands.txt", commands)):
+    workdir_lib.write_text_atomic(os.path.join(workdir, "slurm", name), text)
+  if shutil.which("sbatch") is None:
+    raise FileNotFoundError(f"sbatch not found: the job script is {workdir}/slurm/"
+                            "sweep.sbatch; submit it where Slurm runs (sbatch <script>)")
+  answer = subprocess.run(["sbatch", os.path.join(workdir, "slurm", "sweep.sbatch")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+  for trial in pending:
+    trial.status = "submitted"
+  manifest.save()
+  return answer
+
+
+def refresh(workdir: str, manifest: Manifest) -> None:
+  """Marks done every trial whose workdir holds results (trials run by another launcher
+  or another invocation)."""
+  for trial in manifest.trials:
+    if trial.status != "done":
+      results = _read_results(os.path.join(workdir, trial.name))
+      if results is not None:
+        trial.status, trial.error, trial.results = "done", "", results
+
+
 def report(workdir: str, manifest: Manifest) -> list[str]:
   """Writes ``results.md``, ``results.csv`` and ``curves.png``; returns the table lines."""
   keys = list(dict.fromkeys(k for t in manifest.trials for k in t.overrides))
@@ -373,20 +451,50 @@ def main(argv=None) -> int:
   parser.add_argument("--parallel", type=int, default=1, help="trials at a time")
   parser.add_argument("--dry-run", action="store_true", help="print the commands only")
   parser.add_argument("--report", action="store_true", help="only rewrite the results")
+  parser.add_argument("--launcher", default="local", choices=("local", "slurm"))
+  slurm = parser.add_argument_group("slurm")
+  slurm.add_argument("--nodes", type=int, default=1, help="nodes per trial")
+  slurm.add_argument("--gpus_per_node", type=int, default=1)
+  slurm.add_argument("--time", default="24:00:00", help="time limit per trial")
+  slurm.add_argument("--partition", default="")
+  slurm.add_argument("--resubmit", action="store_true",
+                     help="submit trials again that an ended job left unfinished")
   args = parser.parse_args(argv)
   if args.parallel <= 0:
     parser.error(f"--parallel={args.parallel} must be positive")
+  if args.nodes <= 0 or args.gpus_per_node < 0:
+    parser.error("--nodes must be positive and --gpus_per_node >= 0")
   trials = cli.user_errors_in_one_line(define)(args.config, args.sweep)
   workdir = os.path.abspath(args.workdir)
+  slurm_options = dict(parallel=args.parallel, nodes=args.nodes,
+                       gpus_per_node=args.gpus_per_node, time_limit=args.time,
+                       partition=args.partition)
   if args.dry_run:
-    for trial in trials:
-      print(shlex.join(command(args.config, workdir, trial)))
+    if args.launcher == "slurm":
+      script, commands = slurm_script(args.config, workdir, trials, sweep=args.sweep,
+                                      **slurm_options)
+      print(f"# {workdir}/slurm/sweep.sbatch\n{script}# {workdir}/slurm/commands.txt\n"
+            f"{commands}", end="")
+    else:
+      for trial in trials:
+        print(shlex.join(command(args.config, workdir, trial)))
     return 0
   if os.path.isfile(workdir):
     parser.error(f"--workdir={workdir} is a file")
   os.makedirs(workdir, exist_ok=True)
   manifest = cli.user_errors_in_one_line(Manifest)(workdir, args.config, args.sweep, trials)
+  refresh(workdir, manifest)
+  manifest.save()
+  if args.launcher == "slurm" and not args.report:
+    answer = cli.user_errors_in_one_line(submit_slurm)(args.config, workdir, manifest,
+                                                       resubmit=args.resubmit, **slurm_options)
+    print(f"{answer}; rerun with --report for the results so far")
+    return 0
   if not args.report:
+    waiting = [t.name for t in trials if t.status == "submitted"]
+    if waiting:
+      parser.error(f"{len(waiting)} trial(s) were submitted to Slurm; run them there, or "
+                   "use --report")
     from tqdm import tqdm  # noqa: PLC0415
 
     finished = sum(t.status == "done" for t in trials)

@@ -36,10 +36,15 @@ class ConfigMismatchError(ValueError):
 def write_json_atomic(path: str, value: Any) -> None:
   """Writes ``value`` as JSON to ``path`` through a temporary file and a rename, so a
   reader (or a killed writer) never sees half a file."""
+  write_text_atomic(path, json.dumps(value, indent=2))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename."""
   directory = os.path.dirname(path)
   with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False,
                                    encoding="utf-8") as f:
-    json.dump(value, f, indent=2)
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
   os.chmod(f.name, 0o644)

@@ -136,3 +136,53 @@ def test_ctrl_c_stops_a_sweep_and_the_rerun_finishes_it_exactly(spec, tmp_path):
   assert resumed["final_train_loss"] == straight["final_train_loss"]
   assert resumed["test_accuracy"] == straight["test_accuracy"]
   assert os.path.exists(workdir / "results.csv")
+
+
+def test_slurm_array_script_dry_run_submission_and_one_task(spec, tmp_path):
+  workdir = tmp_path / "sweep"
+  out = subprocess.run(_sweep(spec, workdir, "--launcher=slurm", "--parallel=2", "--nodes=2",
+                              "--gpus_per_node=4", "--partition=gpu", "--dry-run"),
+                       capture_output=True, text=True, check=True).stdout
+  commands = [f"python -m effx.train --config={spec} --workdir={workdir}/learning_rate-{lr} "
+              f"--distributed --config.learning_rate={lr}" for lr in ("0.001", "0.003")]
+  assert out == "\n".join([
+      f"# {workdir}/slurm/sweep.sbatch", "#!/bin/bash", "#SBATCH --job-name=effx-sweep",
+      "#SBATCH --array=0-1%2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+      "#SBATCH --gpus-per-node=4", "#SBATCH --time=24:00:00", "#SBATCH --partition=gpu",
+      f"#SBATCH --output={workdir}/logs/slurm-%A_%a.log", "set -euo pipefail",
+      f"cd {os.getcwd()}",
+      "# Line SLURM_ARRAY_TASK_ID + 1 of the commands file is this task's trial.",
+      f'line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {workdir}/slurm/commands.txt)',
+      'srun bash -c "$line"', f"# {workdir}/slurm/commands.txt", *commands, ""])
+  assert not workdir.exists()
+  # Submission through a stand-in sbatch; then array task 1 runs through a stand-in srun
+  # (one node: no --distributed) and the report finds its results.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "sbatch").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/submitted"\n'
+                                  'echo "Submitted batch job 42"\n')
+  (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+  for tool in ("sbatch", "srun"):
+    (bin_dir / tool).chmod(0o755)
+  python_dir = os.path.dirname(sys.executable)  # the job's `python` is this one
+  env = {**os.environ, "PATH": f"{bin_dir}:{python_dir}:{os.environ['PATH']}"}
+  submitted = subprocess.run(_sweep(spec, workdir, "--launcher=slurm", "--gpus_per_node=0"),
+                             capture_output=True, text=True, check=True, env=env)
+  assert "Submitted batch job 42" in submitted.stdout
+  assert (bin_dir / "submitted").read_text().strip() == f"{workdir}/slurm/sweep.sbatch"
+  lines = (workdir / "slurm" / "commands.txt").read_text().splitlines()
+  assert len(lines) == 2 and "--distributed" not in lines[1]
+  script = (workdir / "slurm" / "sweep.sbatch").read_text()
+  subprocess.run(["bash", "-c", script], check=True, capture_output=True,
+                 env={**env, "SLURM_ARRAY_TASK_ID": "1"})
+  subprocess.run(_sweep(spec, workdir, "--report"), capture_output=True, check=True)
+  statuses = [t["status"] for t in json.loads((workdir / "sweep.json").read_text())["trials"]]
+  assert statuses == ["submitted", "done"]
+  assert "| learning_rate-0.003 | 0.003 | done |" in (workdir / "results.md").read_text()
+  refused = subprocess.run(_sweep(spec, workdir, "--launcher=slurm"), capture_output=True,
+                           text=True, env=env)
+  assert refused.returncode == 1 and "--resubmit submits the unfinished" in refused.stderr
+  again = subprocess.run(_sweep(spec, workdir, "--launcher=slurm", "--resubmit"),
+                         capture_output=True, text=True, check=True, env=env)
+  assert "Submitted batch job 42" in again.stdout
+  assert len((workdir / "slurm" / "commands.txt").read_text().splitlines()) == 1
