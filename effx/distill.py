@@ -26,14 +26,18 @@ tokens only):
   queries, heads and mapped layers. The values of all heads are concatenated and split
   into ``relation_heads`` heads (0: the teacher's ``num_heads``) of width ``d_r``
   (MiniLMv2), so it needs neither equal widths nor equal head counts, and every family
-  has values: it works for any pair.
+  has values: any two single-sequence classifiers with the same ``pool`` and plain
+  (not reversible) stacks.
 * ``attention_kl_weight``: TinyBERT / MiniLM attention-distribution transfer,
   ``KL(A_t ‖ A_s)`` with ``A = softmax(Q Kᵀ / √d_head)`` per head. Only for models
   whose attention *is* that distribution (``dense``, ``blockwise``) with equal
   ``num_heads``.
 
 The relation losses read each layer's projected heads, which ``SelfAttention`` sows
-into the ``intermediates`` collection; the reversible stack does not expose them.
+into the ``intermediates`` collection; the reversible stack does not expose them. They
+build ``[layers, batch, heads, length, length]`` float32 maps for both models (memory
+O(length²), like dense attention), and average over every real query of the batch
+(longer sequences weigh more; MiniLM averages per sequence).
 
 The student's layer outputs are taken in training mode (with its dropout), the
 teacher's at evaluation: with dropout on, the token losses carry that noise.
@@ -263,12 +267,14 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
 
 class Distillation(Classification):
   """The student's distillation loss; evaluated (and its best checkpoint chosen) as a
-  classifier on the labels."""
+  classifier on the labels. ``layer_map``: the teacher layer of each student layer;
+  ``relation_heads``: the value relation's head count (``setup`` resolves the config's
+  0 to the teacher's ``num_heads``)."""
 
   progress = ("loss", "accuracy", "kd")
 
   def __init__(self, model: nn.Module, teacher_model: nn.Module, options: Any,
-               layer_map: tuple[int, ...], relation_heads: int = 1):
+               layer_map: tuple[int, ...], relation_heads: int):
     super().__init__(model)
     self.teacher_model = teacher_model
     self.temperature = float(options.temperature)
@@ -365,6 +371,10 @@ def setup(config, task, student_model_config, student_model):
 
 def _check_relation_losses(options, student, teacher) -> int:
   """The number of relation heads; raises when a relation loss cannot apply."""
+  if options.relation_heads and not options.value_relation_weight:
+    raise ValueError(f"distill.relation_heads={options.relation_heads} set but "
+                     "distill.value_relation_weight is 0: relation heads are the value "
+                     "relation's")
   if not (options.value_relation_weight or options.attention_kl_weight):
     return 1
   for who, cfg in (("teacher", teacher), ("student", student)):
@@ -391,7 +401,7 @@ def _check_relation_losses(options, student, teacher) -> int:
       raise ValueError(f"distill.attention_kl_weight compares head by head: the teacher has "
                        f"model.num_heads={teacher.num_heads}, the student {student.num_heads}")
   heads = options.relation_heads or teacher.num_heads
-  if student.qkv_dim % heads or teacher.qkv_dim % heads:
+  if options.value_relation_weight and (student.qkv_dim % heads or teacher.qkv_dim % heads):
     raise ValueError(f"distill.relation_heads={heads} must divide both models' model.qkv_dim "
                      f"(teacher {teacher.qkv_dim}, student {student.qkv_dim})" +
                      ("" if options.relation_heads else

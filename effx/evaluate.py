@@ -47,7 +47,10 @@ def restore(workdir: str, checkpoint: str | int = "latest"):
   run = trainer.Run(config, evaluation_only=True)
   checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
   try:
-    if checkpoint == "latest" and config.quant.mode == "int":
+    if config.quant.mode == "int":
+      if checkpoint not in ("latest", "best"):
+        raise ValueError(f"--checkpoint={checkpoint}: {workdir} is an integer export, which "
+                         "holds one checkpoint (use --checkpoint=best)")
       checkpoint = "best"  # an integer export holds its parameters only, as best
     if checkpoint == "best":
       step = checkpoints.best.latest_step()

@@ -21,10 +21,12 @@ import flax.linen as nn
 import jax
 
 
-def export(workdir: str, out: str, *, weight_qtype: str = "int8", act_qtype: str = "int8",
-           tile_size: int = 0) -> dict[str, Any]:
+def export(workdir: str, out: str, *, weight_qtype: str | None = None,
+           act_qtype: str | None = None, tile_size: int | None = None) -> dict[str, Any]:
   """Quantizes ``workdir``'s best parameters into the new workdir ``out``; returns the
-  summary written to ``out/quantization.json``."""
+  summary written to ``out/quantization.json``. A float run takes ``weight_qtype``,
+  ``act_qtype`` and ``tile_size`` (None: ``config.quant``'s defaults, int8 / int8 /
+  per channel); a QAT run keeps its own and refuses them."""
   from effx import checkpoint as ckpt  # noqa: PLC0415
   from effx import evaluate, quant, trainer, validate  # noqa: PLC0415
   from effx import workdir as workdir_lib  # noqa: PLC0415
@@ -38,9 +40,13 @@ def export(workdir: str, out: str, *, weight_qtype: str = "int8", act_qtype: str
   if config.quant.mode == "int":
     raise ValueError(f"--workdir={workdir} is already an integer export")
   run, params, model_state, step = evaluate.restore(workdir, "best")
+  given = {k: v for k, v in (("weight_qtype", weight_qtype), ("act_qtype", act_qtype),
+                             ("tile_size", tile_size)) if v is not None}
+  if config.quant.mode == "qat" and given:
+    raise ValueError(f"--workdir={workdir} was trained with quantization-aware training, "
+                     f"whose settings the export keeps; drop {', '.join('--' + k for k in given)}")
   new = config.copy_and_resolve_references()
-  if config.quant.mode == "none":
-    new.quant.update(weight_qtype=weight_qtype, act_qtype=act_qtype, tile_size=tile_size)
+  new.quant.update(given)
   new.quant.mode = "int"
   validate.config(new)
   int_run = trainer.Run(new, evaluation_only=True)
@@ -85,7 +91,10 @@ if __name__ == "__main__":
 
   flags.DEFINE_string("workdir", None, "a finished effx.train workdir", required=True)
   flags.DEFINE_string("out", None, "the new (integer) workdir", required=True)
-  flags.DEFINE_enum("weight_qtype", "int8", ["int8", "int4"], "weights of a float run")
-  flags.DEFINE_enum("act_qtype", "int8", ["int8", "none"], "activations of a float run")
-  flags.DEFINE_integer("tile_size", 0, "sub-channel tile of a float run (0: per channel)")
+  flags.DEFINE_enum("weight_qtype", None, ["int8", "int4"],
+                    "weights of a float run (default int8)")
+  flags.DEFINE_enum("act_qtype", None, ["int8", "none"],
+                    "activations of a float run (default int8)")
+  flags.DEFINE_integer("tile_size", None,
+                       "sub-channel tile of a float run (default 0: per channel)")
   app.run(main)

@@ -155,6 +155,9 @@ def export(workdir: str, out: str, *, heads: int | None = None, mlp_units: int |
     raise FileExistsError(f"--out={out} exists; the export writes a new workdir")
   run, params, _, step = evaluate_lib.restore(workdir, checkpoint)
   config = run.config
+  if config.quant.mode != "none":
+    raise ValueError(f"--workdir={workdir} is quantized (quant.mode={config.quant.mode!r}); "
+                     "prune heads and units of the float run, then quantize")
   check_exportable(run.model_config)
   params = jax.device_get(params)
 

@@ -3,7 +3,8 @@
 ``config(c)`` checks the top-level keys, then each section: ``data`` (its keys and types,
 then the chosen source's own rule in the task module), ``model`` (through
 ``models.model_config``, whose dataclasses also check the values when the library builds a
-model without a config), ``mesh``, ``distill`` and ``prune``. Unknown keys and wrong types
+model without a config), ``distill``, ``prune``, ``quant`` (with the model it applies to)
+and the ``mesh`` against the devices and the batch. Unknown keys and wrong types
 follow one rule everywhere (``effx.cli.check_section``). Checks that need loaded data or a
 teacher (a task's vocabulary, a teacher's layers) happen when those are loaded.
 """
@@ -152,8 +153,9 @@ def quant(section: Mapping[str, Any]) -> None:
     raise ValueError(f"quant.weight_qtype={values['weight_qtype']!r}; one of "
                      f"{', '.join(quant_lib.WEIGHT_QTYPES)}")
   if values["act_qtype"] == "int4":
-    raise ValueError("quant.act_qtype='int4': 4-bit activations (w4a4) do not compile on "
-                     "XLA:CPU; use act_qtype='int8' or 'none' (weight-only)")
+    raise ValueError("quant.act_qtype='int4': 4-bit activations are not supported (w4a4 "
+                     "does not compile on XLA:CPU); use act_qtype='int8' or 'none' "
+                     "(weight-only)")
   if values["act_qtype"] not in quant_lib.ACT_QTYPES:
     raise ValueError(f"quant.act_qtype={values['act_qtype']!r}; one of "
                      f"{', '.join(quant_lib.ACT_QTYPES)}")
@@ -165,6 +167,12 @@ def quant(section: Mapping[str, Any]) -> None:
     except re.error as error:
       raise ValueError(f"quant.{key}={values[key]!r} is not a regular expression: "
                        f"{error}") from None
+  if values["mode"] == "none":
+    changed = [k for k, default in quant_lib.DEFAULTS.items() if values[k] != default]
+    if changed:
+      raise ValueError(f"{', '.join('quant.' + k for k in changed)} set but quant.mode is "
+                       "'none': set quant.mode='qat' (or export with effx.quantize), or "
+                       "leave the quant section at its defaults")
 
 
 def _normal(value):

@@ -9,8 +9,8 @@ best checkpoint's parameters (count, and bytes from bit widths: int8 one byte, i
 a byte, scales and float leaves their dtype's size), the checkpoint's bytes on disk, the
 forward pass's latency (mean ± standard deviation over ``--calls`` timed calls after
 ``--warmup`` untimed ones) at each ``--batches`` size on real test inputs, the
-throughput, and test accuracy (read from the run's results when they are of the same
-checkpoint, else evaluated). The first workdir is the teacher unless ``--teacher`` names
+throughput, and test accuracy on the whole test split (read from the run's results when
+they are of the same checkpoint and split, else evaluated). The first workdir is the teacher unless ``--teacher`` names
 another: the table gives each run's size, latency and accuracy relative to it. Writes
 ``students.csv``, ``students.md`` and ``students.png`` (accuracy against latency at the
 largest batch, marker area proportional to bytes, the teacher marked).
@@ -36,8 +36,10 @@ def _accuracy(workdir: str, step: int, run, params, model_state) -> float:
   for path in glob.glob(os.path.join(workdir, f"eval_test_best_{step}.json")):
     with open(path, encoding="utf-8") as f:
       return float(json.load(f)["accuracy"])
+  # results.json counts only when it tested the whole split (max_test_examples = 0):
+  # every row must be measured on the same examples.
   results = os.path.join(workdir, "results.json")
-  if os.path.exists(results):
+  if os.path.exists(results) and not run.config.max_test_examples:
     with open(results, encoding="utf-8") as f:
       values = json.load(f)
     if values.get("best_step") == step and "test_accuracy" in values:

@@ -83,6 +83,11 @@ class ModelConfig:
                        f"model.kind='causal_lm' needs; causal families: {', '.join(causal)}")
     if self.kind != "causal_lm" and (self.mem_len or self.compressed_len):
       raise ValueError("model.mem_len / model.compressed_len are for model.kind='causal_lm'")
+    if self.classifier_dim is not None and (
+        not isinstance(self.classifier_dim, int) or isinstance(self.classifier_dim, bool)
+        or self.classifier_dim <= 0):
+      raise ValueError(f"model.classifier_dim={self.classifier_dim!r} must be a positive "
+                       "integer or None (None: model.mlp_dim)")
     block = self.block  # validates the block options
     if self.reversible:
       check_reversible(block)

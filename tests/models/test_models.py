@@ -141,6 +141,7 @@ def test_whole_model_and_block_under_nnx():
     (dict(pool="max"), ValueError, "model.pool='max'"),
     (dict(remat="some"), ValueError, "remat='some'"),
     (dict(mem_len=4), ValueError, "causal_lm"),
+    (dict(classifier_dim=-3), ValueError, "classifier_dim=-3 must be a positive integer"),
 ])
 def test_bad_config(overrides, error, match):
   with pytest.raises(error, match=match):

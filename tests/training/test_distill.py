@@ -48,7 +48,7 @@ def test_kd_loss_is_hintons_with_t_squared():
   s_params, t_params = _init(student, 0), _init(teacher, 1)
   batch = _batch()
   objective = distill.Distillation(student, teacher, _options(kd_weight=1.0, temperature=3.0),
-                                   (0, 2))
+                                   (0, 2), relation_heads=1)
   loss, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(5),
                                      {"params": t_params, "model_state": {}})
   s = np.asarray(student.apply({"params": s_params}, batch["inputs"])[0], np.float64)
@@ -84,7 +84,8 @@ def test_every_loss_is_zero_when_the_student_is_the_teacher(hidden_loss):
 def test_hidden_loss_is_a_mean_over_real_tokens():
   _, model = _model()
   params = _init(model, 0)
-  objective = distill.Distillation(model, model, _options(hidden_weight=1.0), (0, 1))
+  objective = distill.Distillation(model, model, _options(hidden_weight=1.0), (0, 1),
+                                   relation_heads=1)
   batch = _batch()
   other = jax.tree.map(lambda x: x * 1.5, params)
   _, (values, _) = objective.loss(other, {}, batch, jax.random.PRNGKey(0),
@@ -199,6 +200,9 @@ def test_bad_teachers_and_options_say_what_is_wrong(tmp_path):
   with pytest.raises(ValueError, match="relation_heads=3 must divide both"):
     trainer.Run(_student(teacher, **{"distill.value_relation_weight": 1.0,
                                      "distill.relation_heads": 3}))
+  with pytest.raises(ValueError, match="relation_heads=2 set but distill.value_relation_weight "
+                                       "is 0"):
+    trainer.Run(_student(teacher, **{"distill.relation_heads": 2}))
   with pytest.raises(ValueError, match="reversible stack does not expose"):
     trainer.Run(_student(teacher, **{"distill.value_relation_weight": 1.0,
                                      "model.reversible": True}))
@@ -277,7 +281,8 @@ def test_attention_kl_is_the_kl_of_the_softmax_attention_maps():
   _, teacher = _model(num_layers=2)
   s_params, t_params = _init(student, 0), _init(teacher, 1)
   batch = _batch(3)
-  objective = distill.Distillation(student, teacher, _options(attention_kl_weight=1.0), (1,))
+  objective = distill.Distillation(student, teacher, _options(attention_kl_weight=1.0), (1,),
+                                   relation_heads=1)
   _, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(0),
                                   {"params": t_params, "model_state": {}})
   s_aux = student.apply({"params": s_params}, batch["inputs"])[1]

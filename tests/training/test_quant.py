@@ -118,11 +118,14 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
   assert summary["bytes"][1] < 0.5 * summary["bytes"][0]
   saved = ocp.StandardCheckpointer().restore(
       tmp_path / "int8" / "best" / str(summary["step"]) / "params")
+  # Every kernel is stored as int8 values plus float scales: no float copy of a weight.
   kernels = {jax.tree_util.keystr(p): v for p, v in
              jax.tree_util.tree_flatten_with_path(saved)[0] if "kernel" in str(p)}
-  assert kernels and all(v.dtype in (np.int8, np.float32) for v in kernels.values())
-  assert not any(v.dtype == np.float32 and v.shape == (2, 32, 2, 16)  # no float q kernel
-                 for v in kernels.values())
+  assert len(kernels) == 2 * 8  # q, k, v, out, wi, wo, head hidden, head logits
+  for path, v in kernels.items():
+    assert (path.endswith("['qvalue']") and v.dtype == np.int8) or (
+        path.endswith("['scale']") and v.size * 8 < max(w.size for w in kernels.values())), \
+        (path, v.dtype, v.shape)
   int_test = evaluate.evaluate_workdir(str(tmp_path / "int8"), "test")
   qat_test = evaluate.evaluate_workdir(str(tmp_path / "straight"), "test", "best")
   assert int_test["step"] == qat_test["step"]
@@ -137,6 +140,10 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
   assert rows[1]["size_vs_teacher"] < 0.5 and rows[1]["latency_b4_ms"] > 0
   for name in ("students.csv", "students.md", "students.png"):
     assert (tmp_path / "report" / name).stat().st_size > 0
+  with pytest.raises(ValueError, match="keeps; drop --weight_qtype"):
+    quantize.export(str(tmp_path / "straight"), str(tmp_path / "int4"), weight_qtype="int4")
+  with pytest.raises(ValueError, match="holds one checkpoint"):
+    evaluate.restore(str(tmp_path / "int8"), "10")
   with pytest.raises(ValueError, match="already an integer export"):
     quantize.export(str(tmp_path / "int8"), str(tmp_path / "again"))
   with pytest.raises(FileExistsError, match="exists; the export writes a new workdir"):
@@ -164,12 +171,14 @@ def test_a_quantized_student_learns_from_a_float_teacher(tmp_path):
 @pytest.mark.parametrize("override,match", [
     ({"quant.mode": "fp8"}, "quant.mode='fp8'; one of none, qat, int"),
     ({"quant.weight_qtype": "int2"}, "quant.weight_qtype='int2'; one of int8, int4"),
-    ({"quant.act_qtype": "int4"}, "do not compile on XLA:CPU"),
+    ({"quant.act_qtype": "int4"}, "does not compile on XLA:CPU"),
     ({"quant.tile_size": 3}, "quant.tile_size=3 must divide every quantized contraction: "
                              "model.emb_dim=32"),
     ({"quant.include": "("}, "quant.include='\\(' is not a regular expression"),
     ({"quant.bits": 8}, "unknown config key.*quant.bits"),
     ({"model.reversible": True}, "quant needs model.reversible=False"),
+    ({"quant.mode": "none", "quant.weight_qtype": "int4"},
+     "quant.weight_qtype set but quant.mode is 'none'"),
 ])
 def test_bad_quantization_options(override, match):
   config = tiny_config("lra_listops", **{"quant.mode": "qat", **override})
