@@ -10,8 +10,9 @@ a byte, scales and float leaves their dtype's size), the checkpoint's bytes on d
 forward pass's latency (mean ± standard deviation over ``--calls`` timed calls after
 ``--warmup`` untimed ones) at each ``--batches`` size on real test inputs, the
 throughput, and test accuracy on the whole test split (read from the run's results when
-they are of the same checkpoint and split, else evaluated). The first workdir is the teacher unless ``--teacher`` names
-another: the table gives each run's size, latency and accuracy relative to it. Writes
+they are of the same checkpoint and split, else evaluated). The first workdir is the
+teacher unless ``--teacher`` names another: the table gives each run's size, latency
+and accuracy relative to it. Writes
 ``students.csv``, ``students.md`` and ``students.png`` (accuracy against latency at the
 largest batch, marker area proportional to bytes, the teacher marked).
 """
