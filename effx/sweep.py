@@ -127,15 +127,41 @@ def define(spec: str, sweep: str | None) -> list[Trial]:
       raise ValueError(f"trial {i} ({overrides}) repeats trial {seen[name]}: same name "
                        f"{name!r}")
     seen[name] = i
-    config = cli.load_config(spec)
     try:
-      for key, value in overrides.items():
-        cli.set_value(config, key, value)
-      validate.config(config)
+      validate.config(trial_config(spec, overrides))
     except (ValueError, TypeError) as error:
       raise type(error)(f"trial {name!r}: {error}") from None
     trials.append(Trial(name, overrides))
   return trials
+
+
+def trial_config(spec: str, overrides: dict[str, Any]):
+  """The config file's config with ``overrides`` set (unknown keys and wrong types raise)."""
+  config = cli.load_config(spec)
+  for key, value in overrides.items():
+    cli.set_value(config, key, value)
+  return config
+
+
+def check_topology(spec: str, trials: list[Trial], topology: str) -> list[str]:
+  """Compiles every trial's training step for ``topology`` (``effx.aot``); returns one
+  line per trial and raises naming the trials that do not fit or do not divide it."""
+  from effx import aot  # noqa: PLC0415
+
+  lines, bad = [], []
+  aot.topology_devices(topology)  # a bad name or a missing libtpu: one message, once
+  for trial in trials:
+    try:
+      result = aot.check(trial_config(spec, trial.overrides), topology)
+      lines.append(f"{trial.name}: {aot.describe(result)}")
+    except (ValueError, TypeError) as error:
+      lines.append(f"{trial.name}: does not run on {topology}: {error}")
+      bad.append(trial.name)
+    print(lines[-1], flush=True)
+  if bad:
+    raise ValueError(f"{len(bad)} of {len(trials)} trials cannot run on {topology}: "
+                     f"{', '.join(bad)}")
+  return lines
 
 
 def command(spec: str, workdir: str, trial: Trial, *, python: str = sys.executable,
@@ -452,6 +478,9 @@ def main(argv=None) -> int:
   parser.add_argument("--dry-run", action="store_true", help="print the commands only")
   parser.add_argument("--report", action="store_true", help="only rewrite the results")
   parser.add_argument("--launcher", default="local", choices=("local", "slurm"))
+  parser.add_argument("--check_topology", default="", metavar="TPU",
+                      help="compile every trial for this TPU topology (e.g. v5e:4x4) and "
+                      "stop; needs libtpu (pip install -e '.[tpu]')")
   slurm = parser.add_argument_group("slurm")
   slurm.add_argument("--nodes", type=int, default=1, help="nodes per trial")
   slurm.add_argument("--gpus_per_node", type=int, default=1)
@@ -466,6 +495,9 @@ def main(argv=None) -> int:
     parser.error("--nodes must be positive and --gpus_per_node >= 0")
   trials = cli.user_errors_in_one_line(define)(args.config, args.sweep)
   workdir = os.path.abspath(args.workdir)
+  if args.check_topology:
+    cli.user_errors_in_one_line(check_topology)(args.config, trials, args.check_topology)
+    return 0
   slurm_options = dict(parallel=args.parallel, nodes=args.nodes,
                        gpus_per_node=args.gpus_per_node, time_limit=args.time,
                        partition=args.partition)

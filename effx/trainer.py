@@ -104,14 +104,17 @@ class _Stop:
 class Run:
   """A model, its sharded state and compiled steps for one config (training or eval)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, evaluation_only: bool = False):
-    """``evaluation_only``: no training extras (a distillation teacher is not loaded)."""
-    validate.config(config)
+  def __init__(self, config: ml_collections.ConfigDict, *, evaluation_only: bool = False,
+               devices=None, task: data_lib.TaskData | None = None):
+    """``evaluation_only``: no training extras (a distillation teacher is not loaded).
+    ``devices``: the mesh's devices (default: all of this process's job's); ``task``:
+    the task's data or only its sizes (``data.describe``), instead of loading it."""
+    validate.config(config, None if devices is None else len(devices))
     self.config = config
-    self.task = data_lib.load(config.data, config.seed)
+    self.task = task if task is not None else data_lib.load(config.data, config.seed)
     self.model_config = validate.model(config, self.task)
     self.model = quant.wrap(models.build(self.model_config), config.quant)
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules(config)
     self.tx = optim.optimizer(config)
     self.schedule = optim.schedule(config)

@@ -29,9 +29,10 @@ POSITIVE = ("batch_size", "num_train_steps", "eval_every_steps", "checkpoint_eve
 NON_NEGATIVE = ("warmup_steps", "max_eval_examples", "max_test_examples")
 
 
-def config(c: ml_collections.ConfigDict) -> None:
+def config(c: ml_collections.ConfigDict, device_count: int | None = None) -> None:
   """Unknown keys, wrong types and impossible combinations of a training config raise,
-  naming the key."""
+  naming the key; the mesh is checked against ``device_count`` devices (default: this
+  machine's)."""
   if "data" not in c or "task" not in c.data:
     raise ValueError(f"config.data.task is missing (one of: {', '.join(data_lib.TASKS)})")
   data_lib.check_task(c.data.task)
@@ -61,7 +62,7 @@ def config(c: ml_collections.ConfigDict) -> None:
                      f"{c.data.task!r}, which needs model.kind={expected_kind!r}")
   quant(c.quant)
   quant_lib.check_model(c.quant, model(c))
-  mesh = sharding.mesh_shape(c.mesh, jax.device_count())
+  mesh = sharding.mesh_shape(c.mesh, device_count or jax.device_count())
   if c.batch_size % mesh[0]:
     raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the mesh's "
                      f"data axis ({mesh[0]} devices; config.mesh.data={c.mesh.data})")

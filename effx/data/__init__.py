@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from effx import cli
 from effx.data import image, listops, pathfinder, retrieval, text
-from effx.data.base import DatasetMissingError, TaskData
+from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData
 
 # Keys every task accepts: task name, dataset folder (None: built-in default).
 COMMON = dict(task=None, dir=None)
@@ -59,10 +59,27 @@ def check_config(data: Mapping[str, Any]) -> None:
     task_check({**known, **data})
 
 
+def describe(data, seed: int) -> TaskData:
+  """The sizes ``load`` would give (vocabulary, classes, length, pairs) without reading
+  or generating any data: ``splits`` is empty. For compiling ahead of time."""
+  check_config(data)
+  values = {**defaults(data["task"]), **dict(data)}
+  task = values["task"]
+  if task == "listops":
+    max_len = (listops.RELEASE_MAX_LEN if values["dir"]
+               else listops.generator_settings(values, seed).max_length - 1)
+    return TaskData({}, listops.VOCAB_SIZE, listops.NUM_CLASSES, max_len)
+  if task == "pathfinder":
+    return TaskData({}, BYTE_VOCAB, 2, values["resolution"] ** 2)
+  if task == "image":
+    return TaskData({}, BYTE_VOCAB, 10, 1024)
+  return TaskData({}, BYTE_VOCAB, 2, values["max_len"], dual=task == "retrieval")
+
+
 def load(data, seed: int) -> TaskData:
   """The task named by ``data.task`` (a validated ``config.data``)."""
   check_config(data)
   return TASKS[data.task][1](data, seed)
 
 
-__all__ = ["load", "defaults", "check_config", "TaskData", "DatasetMissingError", "TASKS"]
+__all__ = ["load", "describe", "defaults", "check_config", "TaskData", "DatasetMissingError", "TASKS"]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from effx import sweep, trainer
+from effx import aot, sweep, trainer
 from conftest import CONFIGS
 
 SWEEP_CONFIG = """
@@ -186,3 +186,37 @@ def test_slurm_array_script_dry_run_submission_and_one_task(spec, tmp_path):
                          capture_output=True, text=True, check=True, env=env)
   assert "Submitted batch job 42" in again.stdout
   assert len((workdir / "slurm" / "commands.txt").read_text().splitlines()) == 1
+
+
+def _has_libtpu():
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def test_topology_names_are_checked_before_anything_compiles(spec):
+  with pytest.raises(ValueError, match="write a TPU generation and chip grid"):
+    aot.topology_devices("v5e-16")
+  if not _has_libtpu():
+    with pytest.raises(OSError, match=r"needs libtpu: pip install -e '.\[tpu\]'"):
+      aot.topology_devices("v5e:2x2")
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="libtpu (pip install -e '.[tpu]') not installed")
+def test_every_trial_compiles_for_a_tpu_topology_or_says_why_not(spec):
+  trials = sweep.define(spec, None)
+  lines = sweep.check_topology(spec, trials, "v5e:2x2")
+  assert len(lines) == 2 and all("4 x TPU v5 lite" in line and "GiB per device of 16 GiB"
+                                 in line for line in lines)
+  with pytest.raises(ValueError, match="is not a TPU topology jax knows"):
+    aot.topology_devices("v9z:2x2")
+  config = sweep.trial_config(spec, {"mesh.data": 3})
+  with pytest.raises(ValueError, match="does not divide the 4 devices"):
+    aot.check(config, "v5e:2x2")
+  # 1.3 billion parameters, replicated over a data-parallel mesh, with Adam's moments.
+  big = sweep.trial_config(spec, {"model.emb_dim": 8192, "model.qkv_dim": 8192,
+                                  "model.mlp_dim": 65536})
+  with pytest.raises(ValueError, match="does not fit on v5e:2x2 .*HBM"):
+    aot.check(big, "v5e:2x2")
