@@ -82,4 +82,5 @@ def load(data, seed: int) -> TaskData:
   return TASKS[data.task][1](data, seed)
 
 
-__all__ = ["load", "describe", "defaults", "check_config", "TaskData", "DatasetMissingError", "TASKS"]
+__all__ = ["load", "describe", "defaults", "check_config", "TaskData", "DatasetMissingError",
+           "TASKS"]

@@ -165,3 +165,15 @@ def test_eval_batches_pad_with_zero_weights():
                                 np.arange(10))
   with pytest.raises(ValueError, match="batch_size=5 is not divisible by the 2 processes"):
     pipeline.eval_batches(_Range(10), 5, process_index=0, process_count=2)
+
+
+def test_describe_gives_loads_sizes_without_reading_data(tmp_path):
+  config = {**data.defaults("listops"), "min_length": 8, "max_length": 40, "num_train": 50,
+            "num_valid": 10, "num_test": 10, "cache_dir": str(tmp_path)}
+  described = data.describe(config, seed=3)
+  assert not described.splits and not list(tmp_path.iterdir())  # nothing generated
+  loaded = data.load(ml_collections.ConfigDict(config), seed=3)
+  assert (described.vocab_size, described.num_classes, described.max_len, described.dual) \
+      == (loaded.vocab_size, loaded.num_classes, loaded.max_len, loaded.dual)
+  retrieval = data.describe({**data.defaults("retrieval"), "max_len": 300}, seed=0)
+  assert (retrieval.max_len, retrieval.dual) == (300, True)
