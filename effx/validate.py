@@ -129,12 +129,7 @@ def prune(section: Mapping[str, Any], num_train_steps: int) -> None:
   for key in ("target_sparsity", "initial_sparsity"):
     if not 0.0 <= values[key] < 1.0:
       raise ValueError(f"prune.{key}={values[key]} must be in [0, 1)")
-  for key in ("include", "exclude"):
-    try:
-      re.compile(values[key])
-    except re.error as error:
-      raise ValueError(f"prune.{key}={values[key]!r} is not a regular expression: "
-                       f"{error}") from None
+  _regexes("prune", values, ("include", "exclude"))
   if values["update_every"] <= 0:
     raise ValueError(f"prune.update_every={values['update_every']} must be positive")
   if values["method"] != "none":
@@ -162,18 +157,22 @@ def quant(section: Mapping[str, Any]) -> None:
                      f"{', '.join(quant_lib.ACT_QTYPES)}")
   if values["tile_size"] < 0:
     raise ValueError(f"quant.tile_size={values['tile_size']} must be >= 0 (0: per channel)")
-  for key in ("include", "exclude"):
-    try:
-      re.compile(values[key])
-    except re.error as error:
-      raise ValueError(f"quant.{key}={values[key]!r} is not a regular expression: "
-                       f"{error}") from None
+  _regexes("quant", values, ("include", "exclude"))
   if values["mode"] == "none":
     changed = [k for k, default in quant_lib.DEFAULTS.items() if values[k] != default]
     if changed:
       raise ValueError(f"{', '.join('quant.' + k for k in changed)} set but quant.mode is "
                        "'none': set quant.mode='qat' (or export with effx.quantize), or "
                        "leave the quant section at its defaults")
+
+
+def _regexes(section: str, values: Mapping[str, Any], keys) -> None:
+  for key in keys:
+    try:
+      re.compile(values[key])
+    except re.error as error:
+      raise ValueError(f"{section}.{key}={values[key]!r} is not a regular expression: "
+                       f"{error}") from None
 
 
 def _normal(value):
