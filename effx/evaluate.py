@@ -47,11 +47,7 @@ def restore(workdir: str, checkpoint: str | int = "latest"):
   run = trainer.Run(config, evaluation_only=True)
   checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
   try:
-    if config.quant.mode == "int":
-      if checkpoint not in ("latest", "best"):
-        raise ValueError(f"--checkpoint={checkpoint}: {workdir} is an integer export, which "
-                         "holds one checkpoint (use --checkpoint=best)")
-      checkpoint = "best"  # an integer export holds its parameters only, as best
+    checkpoint = resolved(config, workdir, checkpoint)
     if checkpoint == "best":
       step = checkpoints.best.latest_step()
       if step is None:
@@ -72,6 +68,18 @@ def restore(workdir: str, checkpoint: str | int = "latest"):
     checkpoints.close()
 
 
+def resolved(config, workdir: str, checkpoint: str) -> str:
+  """The checkpoint ``restore`` reads for ``checkpoint``: an integer export
+  (``quant.mode="int"``) holds its parameters only, as its best checkpoint."""
+  checkpoint = str(checkpoint)
+  if config.quant.mode != "int" or checkpoint == "best":
+    return checkpoint
+  if checkpoint != "latest":
+    raise ValueError(f"--checkpoint={checkpoint}: {workdir} is an integer export, which "
+                     "holds one checkpoint (use --checkpoint=best)")
+  return "best"
+
+
 def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = "latest"
                      ) -> dict:
   """Accuracy and loss of one of ``workdir``'s checkpoints on ``split``.
@@ -86,8 +94,7 @@ def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = 
     ``workdir/eval_<split>_<checkpoint>_<step>.json``.
   """
   run, params, model_state, step = restore(workdir, checkpoint)
-  if run.config.quant.mode == "int":
-    checkpoint = "best"  # what restore reads for an integer export
+  checkpoint = resolved(run.config, workdir, checkpoint)
   name = str(checkpoint) if str(checkpoint) in ("latest", "best") else "step"
   result = {"checkpoint": name, "step": step, "split": split,
             **run.evaluate(params, model_state, split)}
