@@ -67,6 +67,7 @@ import numpy as np
 import optax
 
 from effx import axes, models, quant
+from effx import workdir as workdir_lib
 from effx.objectives import Classification, forward
 
 DEFAULTS = dict(teacher_workdir="", temperature=2.0, kd_weight=1.0, ce_weight=0.1,
@@ -84,10 +85,6 @@ def defaults() -> ml_collections.ConfigDict:
   """``config.distill`` with every key at its default (``teacher_workdir=""``: off; a
   distillation config sets it to None, which must be overridden)."""
   return ml_collections.ConfigDict(dict(DEFAULTS))
-
-
-def _normal(value):
-  return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
@@ -138,7 +135,8 @@ class Teacher:
       raise ValueError(f"{where} was trained on data.task={config.data.task!r}; the student's "
                        f"task is {task_name!r}")
     other = {k: (config.data.get(k), v) for k, v in student_data.items()
-             if k != "cache_dir" and _normal(config.data.get(k)) != _normal(v)}
+             if k != "cache_dir"
+             and workdir_lib.normalise(config.data.get(k)) != workdir_lib.normalise(v)}
     if other:
       raise ValueError(f"{where} was trained on other data: " + ", ".join(
           f"data.{k}={t!r} (student: {s!r})" for k, (t, s) in other.items()) +
@@ -178,8 +176,6 @@ class Teacher:
 
   def record(self, workdir: str) -> None:
     """Writes ``workdir/teacher.json``; on a resume, refuses a teacher that changed."""
-    from effx import workdir as workdir_lib  # noqa: PLC0415
-
     path = os.path.join(workdir, "teacher.json")
     mine = {"workdir": self.workdir, "best_step": self.step, "params_sha256": self.sha256}
     if os.path.exists(path):

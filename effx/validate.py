@@ -21,6 +21,7 @@ from effx import cli
 from effx import data as data_lib
 from effx import defaults, distill as distill_lib, models, optim, prune as prune_lib
 from effx import quant as quant_lib, sharding
+from effx import workdir as workdir_lib
 
 # Sections with their own check below (the rest of the top level are scalars).
 SECTIONS = ("model", "data", "mesh", "sharding_rules", "distill", "prune", "quant")
@@ -112,7 +113,8 @@ def distill(section: Mapping[str, Any]) -> None:
                      f"{', '.join(distill_lib.HIDDEN_LOSSES)}")
   if not values.get("teacher_workdir"):
     changed = [k for k, default in distill_lib.DEFAULTS.items() if k != "teacher_workdir"
-               and _normal(values.get(k, default)) != _normal(default)]
+               and workdir_lib.normalise(values.get(k, default))
+               != workdir_lib.normalise(default)]
     if changed:
       raise ValueError(f"{', '.join('distill.' + k for k in changed)} set but "
                        "distill.teacher_workdir is empty: set the teacher's workdir, or "
@@ -175,5 +177,3 @@ def _regexes(section: str, values: Mapping[str, Any], keys) -> None:
                        f"{error}") from None
 
 
-def _normal(value):
-  return list(value) if isinstance(value, (tuple, list)) else value

@@ -62,8 +62,9 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _normalise(value):
-  return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
+def normalise(value):
+  """Lists and tuples compare equal element by element (JSON turns tuples into lists)."""
+  return [normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def differences(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -72,7 +73,7 @@ def differences(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[
   a, b = flatten(stored), flatten(new)
   missing = "<unset>"
   return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
-          if _normalise(a.get(k, missing)) != _normalise(b.get(k, missing))}
+          if normalise(a.get(k, missing)) != normalise(b.get(k, missing))}
 
 
 def check_resume(workdir: str, config_values: dict[str, Any],
@@ -91,7 +92,7 @@ def check_resume(workdir: str, config_values: dict[str, Any],
   added = flatten(default_values or {})
   changed = {k: v for k, v in changed.items()
              if not (v[0] == "<unset>" and k in added
-                     and _normalise(added[k]) == _normalise(v[1]))}
+                     and normalise(added[k]) == normalise(v[1]))}
   harmful = {k: v for k, v in changed.items() if k not in HARMLESS}
   schedule = config_values.get("schedule")
   prune = config_values.get("prune", {})
