@@ -17,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from effx import axes
+from effx import axes, files
 
 
 def abstract_like(tree, shardings):
@@ -31,13 +31,14 @@ class Checkpoints:
   """The run's checkpoint folders."""
 
   def __init__(self, workdir: str, keep: int, *, asynchronous: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    workdir = files.absolute(workdir)  # orbax writes to a bucket itself
+    self.directory = os.path.join(workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=asynchronous))
     self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "best"), item_names=("params",),
+        os.path.join(workdir, "best"), item_names=("params",),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                              enable_async_checkpointing=False))
     # step of each regular checkpoint -> the best step its bookkeeping points at: a best
@@ -149,9 +150,9 @@ class Checkpoints:
       for step in steps:
         path = os.path.join(self.directory, str(step))
         target, n = f"{path}.damaged", 1
-        while os.path.exists(target):  # set aside before, by an earlier resume
+        while files.exists(target):  # set aside before, by an earlier resume
           target, n = f"{path}.damaged{n}", n + 1
-        os.replace(path, target)
+        files.rename(path, target)
         logging.error("moved the damaged checkpoint to %s", target)
     multihost_utils.sync_global_devices("effx_checkpoint_set_aside")
     self.manager.reload()
@@ -204,7 +205,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
 def restore_params(directory: str, abstract_params):
   """Parameters from another run's checkpoint folder (its newest step): used for
   ``config.init_checkpoint``. ``directory`` is a workdir or its ``checkpoints`` folder."""
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
+  if files.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   with ocp.CheckpointManager(directory, item_names=("state", "data", "meta")) as manager:
     step = manager.latest_step()

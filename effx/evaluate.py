@@ -9,7 +9,6 @@ checkpoint it used and writes ``workdir/eval_<split>_<checkpoint>_<step>.json``.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags, logging
@@ -98,9 +97,10 @@ def evaluate_workdir(workdir: str, split: str = "test", checkpoint: str | int = 
   name = str(checkpoint) if str(checkpoint) in ("latest", "best") else "step"
   result = {"checkpoint": name, "step": step, "split": split,
             **run.evaluate(params, model_state, split)}
-  path = os.path.join(workdir, f"eval_{split}_{name}_{step}.json")
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
+  from effx import workdir as workdir_lib  # noqa: PLC0415
+
+  workdir_lib.write_json_atomic(os.path.join(workdir, f"eval_{split}_{name}_{step}.json"),
+                                result)
   return result
 
 

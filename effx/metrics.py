@@ -9,7 +9,6 @@ rows kept as one event file: each (split, step) appears once in both.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -18,6 +17,8 @@ import tempfile
 import time
 
 import jax
+
+from effx import files
 
 
 class Writer:
@@ -36,26 +37,37 @@ class Writer:
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
       tb_dir = os.path.join(workdir, "tensorboard")
-      old_events = glob.glob(os.path.join(tb_dir, "events.out.tfevents.*"))
+      old_events = (files.glob(tb_dir, "events.out.tfevents.*") if files.isdir(tb_dir)
+                    else [])
+      # A bucket has no append: events go to a local file, copied there at every flush.
+      self._tb_remote = tb_dir if files.is_remote(tb_dir) else None
       # A name of its own: an old file of the same name would be truncated, then deleted.
-      self._tb = SummaryWriter(tb_dir, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+      self._tb = SummaryWriter(tempfile.mkdtemp(prefix="effx-tb-") if self._tb_remote
+                               else tb_dir,
+                               filename_suffix=f".{os.getpid()}.{time.time_ns()}")
       for row in kept:
         for name, value in row.items():
           if name not in ("step", "split"):
             self._tb.add_scalar(f"{row['split']}/{name}", value, row["step"])
-      self._tb.flush()
+      self._flush()
       for path in old_events:  # their rows are in the new file (or were dropped above)
-        os.remove(path)
+        files.remove(path)
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     if not self._enabled:
       return
     row = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
-    with open(self._jsonl, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    files.append_text(self._jsonl, json.dumps(row) + "\n")
     for name, value in values.items():
       self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
+    self._flush()
+
+  def _flush(self) -> None:
     self._tb.flush()
+    if self._tb_remote:
+      local = self._tb.file_writer.get_logdir()
+      for name in os.listdir(local):
+        files.upload(os.path.join(local, name), os.path.join(self._tb_remote, name))
 
   def close(self) -> None:
     if self._tb is not None:
@@ -64,26 +76,21 @@ class Writer:
 
 def _rows(path: str) -> list[dict]:
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
-        logging.warning("skipping a torn line in metrics.jsonl: %r", line[:80])
+  for line in files.read_text(path).splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:  # a run killed mid-write leaves a partial last line
+      logging.warning("skipping a torn line in metrics.jsonl: %r", line[:80])
   return rows
 
 
 def _truncate(path: str, step: int) -> list[dict]:
   """Rewrites ``path`` (atomically) without rows past ``step``, test rows and torn
   lines; returns the rows kept."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
   rows = [r for r in _rows(path) if r["step"] <= step and r["split"] != "test"]
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp",
-                                   delete=False, encoding="utf-8") as f:
-    f.writelines(json.dumps(row) + "\n" for row in rows)
-  os.chmod(f.name, 0o644)
-  os.replace(f.name, path)
+  files.write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
   return rows
 
 

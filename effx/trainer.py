@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -34,14 +33,16 @@ from jax.experimental import multihost_utils
 from effx import checkpoint as ckpt
 from effx import data as data_lib
 from effx import defaults, distill, metrics, models, objectives, optim, prune, sharding, steps
-from effx import quant, validate
+from effx import files, quant, validate
 from effx import workdir as workdir_lib
 from effx.data import pipeline
 
 def _check_workdir(workdir: str) -> str:
   """The absolute workdir; a path that is a file, or that cannot be created, raises
-  before anything is written."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  before anything is written. A bucket (``gs://...``) is taken as it is."""
+  workdir = files.absolute(workdir)
+  if files.is_remote(workdir):
+    return workdir
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"workdir {workdir} is a file, not a folder; pass a folder "
                              "(new or holding an effx.train run)")
@@ -204,10 +205,9 @@ def _save_config(config, workdir: str) -> None:
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in ``workdir`` was started with."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f"{path} not found: is {workdir!r} an effx.train workdir?")
-  with open(path, encoding="utf-8") as f:
-    values = json.load(f)
+  values = json.loads(files.read_text(path))
   values["sharding_rules"] = tuple(tuple(r) for r in values["sharding_rules"])
   config = ml_collections.ConfigDict(values)
   # Sections added to effx after the run was made take their defaults (they were off).
@@ -233,9 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   changes = workdir_lib.check_resume(
       workdir, config_values,
       json.loads(defaults.base(config.data.task).to_json_best_effort()))
-  created = not os.path.exists(workdir)
+  created = not files.exists(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
     restored = checkpoints.restore_latest(run.abstract_state)
     reached = workdir_lib.steps_reached(workdir)
@@ -247,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   except BaseException:
     # A failed start leaves no half-made workdir behind (only one it created itself).
     if created and jax.process_index() == 0:
-      shutil.rmtree(workdir, ignore_errors=True)
+      files.rmtree(workdir)
     raise
   objective = run.objective
   meta = {"best_value": None, "best_step": -1}

@@ -19,9 +19,10 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 import time
 from typing import Any
+
+from effx import files
 
 # Changing these never changes what a resumed step computes.
 HARMLESS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -34,21 +35,9 @@ class ConfigMismatchError(ValueError):
 
 
 def write_json_atomic(path: str, value: Any) -> None:
-  """Writes ``value`` as JSON to ``path`` through a temporary file and a rename, so a
-  reader (or a killed writer) never sees half a file."""
-  write_text_atomic(path, json.dumps(value, indent=2))
-
-
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename."""
-  directory = os.path.dirname(path)
-  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False,
-                                   encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
-  os.chmod(f.name, 0o644)
-  os.replace(f.name, path)
+  """Writes ``value`` as JSON to ``path`` so that a reader (or a killed writer) never
+  sees half a file (``effx.files.write_text_atomic``)."""
+  files.write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,10 +73,9 @@ def check_resume(workdir: str, config_values: dict[str, Any],
   (empty for a new run); raises ``ConfigMismatchError`` listing every other change and
   the ways out."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    stored = json.load(f)
+  stored = json.loads(files.read_text(path))
   changed = differences(stored, config_values)
   added = flatten(default_values or {})
   changed = {k: v for k, v in changed.items()
@@ -105,7 +93,7 @@ def check_resume(workdir: str, config_values: dict[str, Any],
     lines = "\n".join(f"  {k}: {old!r} (stored) -> {new!r} (now)"
                       for k, (old, new) in harmful.items())
     checkpoints = os.path.join(workdir, "checkpoints")
-    saved = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    saved = files.isdir(checkpoints) and any(n.isdigit() for n in files.listdir(checkpoints))
     ways_out = (f"Use another --workdir, or start a new run from this one's parameters with "
                 f"--workdir=<new> --config.init_checkpoint={workdir}" if saved else
                 "It has no checkpoint yet: use another --workdir, or delete this one")
@@ -126,9 +114,8 @@ class Sessions:
     self._enabled = enabled
     self._start = time.perf_counter() if started_at is None else started_at
     self.previous: list[dict[str, Any]] = []
-    if os.path.exists(self._path):
-      with open(self._path, encoding="utf-8") as f:
-        self.previous = json.load(f)
+    if files.exists(self._path):
+      self.previous = json.loads(files.read_text(self._path))
       for session in self.previous:
         if session["status"] == "running":  # killed without warning
           session["status"] = "killed"
@@ -152,7 +139,6 @@ class Sessions:
 def steps_reached(workdir: str) -> int:
   """The furthest step any session of the run in ``workdir`` reached (0: none)."""
   path = os.path.join(workdir, "sessions.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     return 0
-  with open(path, encoding="utf-8") as f:
-    return max((int(s.get("step", 0)) for s in json.load(f)), default=0)
+  return max((int(s.get("step", 0)) for s in json.loads(files.read_text(path))), default=0)
