@@ -8,7 +8,10 @@ A config file defines ``sweep(add, arg=None)`` (used without ``--sweep``) or
 ``sweep_<name>(add, arg=None)`` (``--sweep=<name>``); ``arg`` is the config's ``:arg``.
 It calls ``add(**overrides)`` once per trial, keyed by dotted config keys:
 ``add(**{"model.attention": "local", "learning_rate": 0.01})``. ``product`` and
-``zipped`` build grids of such dicts.
+``zipped`` build grids of such dicts. A trial may name its own config file,
+``add(config="lra_text.py:small", ...)`` (relative to the sweep's file): a sweep over
+tasks (``configs/lra.py``). A sweep over attention families x tasks is reported as LRA's
+Table 1 (a row per family, a column per task, their average) with a heat map.
 
 Every trial's config is built and checked as ``effx.train`` would (keys, types, the
 whole config) before anything runs. Each trial gets ``<workdir>/<name>``, its name made
@@ -24,6 +27,12 @@ unfinished trials as one job array (``--parallel`` tasks at a time, ``--nodes`` 
 with ``--distributed`` when more than one), submitted with ``sbatch``; ``--report`` reads
 the results as they arrive, ``--resubmit`` submits what an ended job left unfinished.
 
+TPU launcher (``--launcher=tpu --tpu=NAME --zone=ZONE --accelerator=v5litepod-16
+[--queued]``, ``--workdir=gs://...``): creates the TPU VM or pod slice unless it exists,
+installs this checkout on every worker and runs each trial on all of them at once with
+``--distributed`` (``effx.tpu``). Workdirs may be buckets with any launcher
+(``effx.files``).
+
 Local launcher: each trial is a ``python -m effx.train`` subprocess, ``--parallel`` at a
 time; with GPUs (``nvidia-smi -L``) each trial gets one through ``CUDA_VISIBLE_DEVICES``,
 otherwise the CPU cores are split between the running trials (CPU affinity). Logs go to
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -46,13 +56,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Iterable
 
-from effx import cli
+from effx import cli, files
 
 RETRIES = 1  # per invocation: a failing trial runs at most 1 + RETRIES times
 MANIFEST = "sweep.json"
+# A trial override naming another config file (``add(config="configs/lra_text.py:small",
+# ...)``): sweeps over tasks, each with its own config. Relative to the sweep's file.
+CONFIG_KEY = "config"
 
 
 def product(**axes: Iterable[Any]) -> list[dict[str, Any]]:
@@ -85,7 +99,8 @@ class Trial:
 
 
 def trial_name(overrides: dict[str, Any]) -> str:
-  """A folder name from the overrides: ``attention-local_learning_rate-0.01``."""
+  """A folder name from the overrides: ``attention-local_learning_rate-0.01``; a trial's
+  own config file is named by its file name and argument (``lra_text-small``)."""
   if not overrides:
     return "base"
   last = [k.split(".")[-1] for k in overrides]
@@ -93,6 +108,10 @@ def trial_name(overrides: dict[str, Any]) -> str:
   for key, short in zip(overrides, last):
     label = short if last.count(short) == 1 else key
     value = overrides[key]
+    if key == CONFIG_KEY:
+      path, _, arg = str(value).partition(":")
+      parts.append(os.path.splitext(os.path.basename(path))[0] + (f"-{arg}" if arg else ""))
+      continue
     text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
     parts.append(f"{label}-{text}")
   return re.sub(r"[^A-Za-z0-9._+=-]+", "-", "_".join(parts)).strip("-")[:150]
@@ -129,14 +148,30 @@ def define(spec: str, sweep: str | None) -> list[Trial]:
     seen[name] = i
     try:
       validate.config(trial_config(spec, overrides))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError) as error:
       raise type(error)(f"trial {name!r}: {error}") from None
     trials.append(Trial(name, overrides))
   return trials
 
 
+def trial_spec(spec: str, overrides: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+  """``(config file[:arg], the other overrides)`` of a trial of the sweep in ``spec``."""
+  rest = {k: v for k, v in overrides.items() if k != CONFIG_KEY}
+  if CONFIG_KEY not in overrides:
+    return spec, rest
+  own = overrides[CONFIG_KEY]
+  if not isinstance(own, str) or not own.partition(":")[0].endswith(".py"):
+    raise ValueError(f"{CONFIG_KEY}={own!r}: a trial's config is a config file path[:arg], "
+                     "e.g. 'lra_text.py:small'")
+  if not os.path.isabs(own):
+    own = os.path.join(os.path.dirname(os.path.abspath(spec.partition(":")[0])), own)
+  return os.path.normpath(own), rest
+
+
 def trial_config(spec: str, overrides: dict[str, Any]):
-  """The config file's config with ``overrides`` set (unknown keys and wrong types raise)."""
+  """The trial's config (the sweep's file's, or its own ``config``) with ``overrides``
+  set (unknown keys and wrong types raise)."""
+  spec, overrides = trial_spec(spec, overrides)
   config = cli.load_config(spec)
   for key, value in overrides.items():
     cli.set_value(config, key, value)
@@ -170,10 +205,11 @@ def command(spec: str, workdir: str, trial: Trial, *, python: str = sys.executab
   parses them back to the same values); ``distributed`` adds ``--distributed`` (every
   process calls ``jax.distributed.initialize()``, which reads Slurm's or the TPU's
   environment)."""
+  spec, overrides = trial_spec(spec, trial.overrides)
   return [python, "-m", "effx.train", f"--config={spec}",
           f"--workdir={os.path.join(workdir, trial.name)}",
           *(["--distributed"] if distributed else []),
-          *(f"--config.{k}={_text(v)}" for k, v in trial.overrides.items())]
+          *(f"--config.{k}={_text(v)}" for k, v in overrides.items())]
 
 
 def _text(value) -> str:
@@ -191,9 +227,8 @@ class Manifest:
     self.path = os.path.join(workdir, MANIFEST)
     self.spec, self.sweep = spec, sweep
     self.trials = trials
-    if os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        stored = json.load(f)
+    if files.exists(self.path):
+      stored = json.loads(files.read_text(self.path))
       if stored["config"] != spec or stored["sweep"] != sweep:
         raise ValueError(f"{workdir} holds the sweep {stored['sweep'] or '(default)'} of "
                          f"{stored['config']}, not {sweep or '(default)'} of {spec}; use "
@@ -249,10 +284,9 @@ def _slots(parallel: int) -> list[dict[str, Any]]:
 
 def _read_results(workdir: str) -> dict[str, Any] | None:
   path = os.path.join(workdir, "results.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    values = json.load(f)
+  values = json.loads(files.read_text(path))
   keep = ("test_accuracy", "eval_accuracy", "best_step", "step", "wall_time_s",
           "peak_memory_bytes", "num_parameters")
   return {k: values[k] for k in keep if k in values}
@@ -260,12 +294,28 @@ def _read_results(workdir: str) -> dict[str, Any] | None:
 
 def _log_tail(path: str) -> str:
   try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      lines = [line.strip() for line in f if line.strip()]
-  except OSError:
+    lines = [line.strip() for line in files.read_text(path).splitlines() if line.strip()]
+  except (OSError, UnicodeDecodeError):
     return ""
   errors = [line for line in lines if line.startswith("error:") or "Error" in line]
   return (errors or lines or [""])[-1][:500]
+
+
+def _settle(workdir: str, trial: Trial, returncode: int, log: str, tries: int,
+            progress: Callable[[int], None] | None) -> bool:
+  """Records how an attempt of ``trial`` ended; True when it is to be run again."""
+  results = _read_results(os.path.join(workdir, trial.name))
+  if returncode == 0 and results is not None:
+    trial.status, trial.error, trial.results = "done", "", results
+  elif tries <= RETRIES:
+    trial.status = "pending"
+    return True
+  else:
+    trial.status = "failed"
+    trial.error = _log_tail(log) or f"exit status {returncode}"
+  if progress:
+    progress(1)
+  return False
 
 
 def run_local(spec: str, workdir: str, manifest: Manifest, parallel: int,
@@ -276,12 +326,11 @@ def run_local(spec: str, workdir: str, manifest: Manifest, parallel: int,
   queue = [t for t in manifest.trials if t.status == "pending"]
   running: dict[int, tuple[Trial, subprocess.Popen, Any]] = {}
   tries = {t.name: 0 for t in queue}
-  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
 
   def start(slot: int, trial: Trial) -> None:
     tries[trial.name] += 1
     trial.status, trial.attempts = "running", trial.attempts + 1
-    log = open(os.path.join(workdir, "logs", f"{trial.name}.log"), "a", encoding="utf-8")
+    log = open(_local_log(workdir, trial), "a", encoding="utf-8")
     cpus = slots[slot]["cpus"]
     process = subprocess.Popen(
         command(spec, workdir, trial), stdout=log, stderr=subprocess.STDOUT,
@@ -300,20 +349,10 @@ def run_local(spec: str, workdir: str, manifest: Manifest, parallel: int,
         if process.poll() is None:
           continue
         log.close()
+        _keep_log(workdir, trial)
         del running[slot]
-        results = _read_results(os.path.join(workdir, trial.name))
-        if process.returncode == 0 and results is not None:
-          trial.status, trial.error, trial.results = "done", "", results
-          if progress:
-            progress(1)
-        elif tries[trial.name] <= RETRIES:
-          trial.status = "pending"
+        if _settle(workdir, trial, process.returncode, log.name, tries[trial.name], progress):
           queue.append(trial)
-        else:
-          trial.status = "failed"
-          trial.error = _log_tail(log.name) or f"exit status {process.returncode}"
-          if progress:
-            progress(1)
         manifest.save()
   except KeyboardInterrupt:
     for trial, process, log in running.values():
@@ -321,9 +360,104 @@ def run_local(spec: str, workdir: str, manifest: Manifest, parallel: int,
     for trial, process, log in running.values():
       process.wait()
       log.close()
+      _keep_log(workdir, trial)
       trial.status = "interrupted"
     manifest.save()
     raise
+
+
+def _local_log(workdir: str, trial: Trial) -> str:
+  """Where a trial's output is written as it runs: ``<workdir>/logs/<name>.log``, or for
+  a bucket a local file copied there after each attempt (``_keep_log``)."""
+  folder = os.path.join(workdir, "logs")
+  if files.is_remote(workdir):
+    folder = os.path.join(_stage(workdir), "logs")
+  os.makedirs(folder, exist_ok=True)
+  return os.path.join(folder, f"{trial.name}.log")
+
+
+def _keep_log(workdir: str, trial: Trial) -> None:
+  if files.is_remote(workdir):
+    files.upload(_local_log(workdir, trial),
+                 os.path.join(workdir, "logs", f"{trial.name}.log"))
+
+
+def tpu_plan(spec: str, workdir: str, trials: list[Trial], pod) -> list[list[str]]:
+  """Every command the ``tpu`` launcher runs for ``trials``, in order (creation first,
+  done only when ``pod.describe()`` fails; with ``--queued``, then waiting until the
+  queued resource is ACTIVE)."""
+  from effx import tpu  # noqa: PLC0415
+
+  archive = os.path.join(_stage(workdir), tpu.ARCHIVE)
+  specs = [spec, *(trial_spec(spec, t.overrides)[0] for t in trials)]
+  return [pod.create(), *tpu.setup(pod, specs, archive),
+          *(pod.ssh(tpu.worker_command(command(spec, workdir, t, python="python3",
+                                               distributed=True)))
+            for t in trials)]
+
+
+def _checked(cmd: list[str]) -> None:
+  """Runs a setup command; its failure is one message naming it."""
+  if subprocess.run(cmd).returncode != 0:
+    raise OSError(f"this failed (its output is above): {shlex.join(cmd)}")
+
+
+def _stage(workdir: str) -> str:
+  """A local folder of the sweep's own (the packed checkout of the tpu launcher)."""
+  key = re.sub(r"[^A-Za-z0-9]+", "-", workdir)[-100:]
+  return os.path.join(tempfile.gettempdir(), f"effx-sweep-{key}")
+
+
+def run_tpu(spec: str, workdir: str, manifest: Manifest, pod,
+            progress: Callable[[int], None] | None = None) -> None:
+  """Runs the manifest's pending trials one after another on every worker of ``pod``
+  (an ``effx.tpu.Pod``), creating it first when it does not exist."""
+  pending = [t for t in manifest.trials if t.status == "pending"]
+  if not pending:
+    return
+  if shutil.which("gcloud") is None:
+    raise FileNotFoundError("gcloud not found: the tpu launcher runs the Google Cloud CLI "
+                            "(cloud.google.com/sdk); --dry-run prints its commands")
+  create, *setup_commands = tpu_plan(spec, workdir, pending, pod)[:4]
+  if subprocess.run(pod.describe(), capture_output=True).returncode != 0:
+    print(f"creating {pod.name}: {shlex.join(create)}", flush=True)
+    _checked(create)
+    while pod.queued:
+      state = subprocess.run(pod.state(), capture_output=True, text=True).stdout.strip()
+      if state == "ACTIVE":
+        break
+      if state in ("FAILED", "SUSPENDED"):
+        raise RuntimeError(f"the queued resource {pod.name} is {state}: "
+                           f"{shlex.join(pod.state()[:-1])} says why")
+      time.sleep(60)
+  os.makedirs(_stage(workdir), exist_ok=True)
+  for step in setup_commands:
+    _checked(step)
+  from effx import tpu  # noqa: PLC0415
+
+  queue, tries = list(pending), {t.name: 0 for t in pending}
+  while queue:
+    trial = queue.pop(0)
+    tries[trial.name] += 1
+    trial.status, trial.attempts = "running", trial.attempts + 1
+    manifest.save()
+    remote = tpu.worker_command(command(spec, workdir, trial, python="python3",
+                                        distributed=True))
+    with open(_local_log(workdir, trial), "a", encoding="utf-8") as log:
+      try:
+        returncode = subprocess.run(pod.ssh(remote), stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+      except KeyboardInterrupt:
+        trial.status = "interrupted"  # resumes from its last checkpoint on the rerun
+        manifest.save()
+        raise
+      finally:
+        log.close()
+        _keep_log(workdir, trial)
+    if _settle(workdir, trial, returncode, _local_log(workdir, trial), tries[trial.name],
+               progress):
+      queue.append(trial)
+    manifest.save()
 
 
 def slurm_script(spec: str, workdir: str, trials: list[Trial], *, parallel: int, nodes: int,
@@ -368,12 +502,10 @@ def submit_slurm(spec: str, workdir: str, manifest: Manifest, *, resubmit: bool 
   if not pending:
     return "every trial is done"
   script, commands = slurm_script(spec, workdir, pending, sweep=manifest.sweep, **options)
-  from effx import workdir as workdir_lib  # noqa: PLC0415
-
-  os.makedirs(os.path.join(workdir, "slurm"), exist_ok=True)
-  os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+  files.makedirs(os.path.join(workdir, "slurm"))
+  files.makedirs(os.path.join(workdir, "logs"))
   for name, text in (("sweep.sbatch", script), ("commands.txt", commands)):
-    workdir_lib.write_text_atomic(os.path.join(workdir, "slurm", name), text)
+    files.write_text_atomic(os.path.join(workdir, "slurm", name), text)
   if shutil.which("sbatch") is None:
     raise FileNotFoundError(f"sbatch not found: the job script is {workdir}/slurm/"
                             "sweep.sbatch; submit it where Slurm runs (sbatch <script>)")
@@ -395,8 +527,15 @@ def refresh(workdir: str, manifest: Manifest) -> None:
         trial.status, trial.error, trial.results = "done", "", results
 
 
+# LRA's column names and order (Tay et al. 2021, Table 1), by config file.
+TASK_COLUMNS = {"lra_listops": "ListOps", "lra_text": "Text", "lra_retrieval": "Retrieval",
+                "lra_image": "Image", "lra_pathfinder": "Pathfinder", "lra_pathx": "Path-X"}
+
+
 def report(workdir: str, manifest: Manifest) -> list[str]:
-  """Writes ``results.md``, ``results.csv`` and ``curves.png``; returns the table lines."""
+  """Writes ``results.md``, ``results.csv`` and ``curves.png`` (and, for a sweep over
+  attention families x tasks, LRA Table 1's layout first in ``results.md`` and a heat map
+  ``table.png``); returns the lines of ``results.md``'s tables."""
   keys = list(dict.fromkeys(k for t in manifest.trials for k in t.overrides))
   rows = []
   for trial in manifest.trials:
@@ -409,11 +548,11 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
                  "peak_memory_mb": (r["peak_memory_bytes"] / 2**20
                                     if r.get("peak_memory_bytes") else None),
                  "error": trial.error})
-  columns = list(rows[0])
-  with open(os.path.join(workdir, "results.csv"), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+  writer.writeheader()
+  writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+  files.write_text_atomic(os.path.join(workdir, "results.csv"), text.getvalue())
   shown = ["trial", *keys, "status", "test_accuracy", "eval_accuracy", "steps_per_s",
            "peak_memory_mb"]
   lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
@@ -432,28 +571,117 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
     mean = sum(r["test_accuracy"] for r in done) / len(done)
     lines.append(f"\nMean test accuracy over the {len(done)} finished of {len(rows)} trials: "
                  f"{100 * mean:.2f}%.")
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(f"Sweep {manifest.sweep or '(default)'} of `{manifest.spec}`\n\n")
-    f.write("\n".join(lines) + "\n")
-  _plot_curves(workdir, manifest)
+  grid = families_by_tasks(manifest)
+  if grid is not None:
+    lines = [*_lra_table(*grid), "", *lines]
+  files.write_text_atomic(
+      os.path.join(workdir, "results.md"),
+      f"Sweep {manifest.sweep or '(default)'} of `{manifest.spec}`\n\n" + "\n".join(lines)
+      + "\n")
+  _save_figure(_plot_curves(workdir, manifest), os.path.join(workdir, "curves.png"))
+  if grid is not None:
+    _save_figure(_plot_grid(*grid, title=f"sweep {manifest.sweep or '(default)'}"),
+                 os.path.join(workdir, "table.png"))
   return lines
 
 
-def _plot_curves(workdir: str, manifest: Manifest) -> None:
+def families_by_tasks(manifest: Manifest):
+  """``(families, tasks, {(family, task): trial})`` when the sweep's trials span more
+  than one attention family and more than one task (config file), else None."""
+  cells = {}
+  for trial in manifest.trials:
+    spec, _ = trial_spec(manifest.spec, trial.overrides)
+    stem = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
+    family = trial_config(manifest.spec, trial.overrides).model.attention
+    if (family, stem) in cells:
+      return None  # another axis too (learning rates, sizes): one row per trial then
+    cells[family, stem] = trial
+  families = list(dict.fromkeys(f for f, _ in cells))
+  order = list(TASK_COLUMNS)
+  tasks = sorted(dict.fromkeys(t for _, t in cells),
+                 key=lambda t: (order.index(t) if t in order else len(order), t))
+  if len(families) < 2 or len(tasks) < 2:
+    return None
+  return families, tasks, cells
+
+
+def _lra_table(families, tasks, cells) -> list[str]:
+  """LRA Table 1's layout: a row per family, a column per task and their average (test
+  accuracy of the best-on-validation checkpoint); unfinished cells show their status."""
+  names = [TASK_COLUMNS.get(t, t) for t in tasks]
+  lines = ["| Model | " + " | ".join(names) + " | Avg |", "|---|" + "---:|" * (len(tasks) + 1)]
+  for family in families:
+    cells_row, values = [], []
+    for task in tasks:
+      trial = cells.get((family, task))
+      if trial is None:
+        cells_row.append("")
+      elif trial.status == "done":
+        values.append(100 * trial.results["test_accuracy"])
+        cells_row.append(f"{values[-1]:.2f}")
+      else:
+        cells_row.append(trial.status)
+    average = f"{sum(values) / len(values):.2f}" if len(values) == len(tasks) else ""
+    lines.append(f"| {family} | " + " | ".join(cells_row) + f" | {average} |")
+  return lines
+
+
+def _save_figure(fig, path: str) -> None:
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  with tempfile.TemporaryDirectory() as folder:
+    local = os.path.join(folder, os.path.basename(path))
+    fig.savefig(local, dpi=110)
+    plt.close(fig)
+    if files.is_remote(path):
+      files.upload(local, path)
+    else:
+      os.replace(local, path)
+
+
+def _pyplot():
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
+  return plt
+
+
+def _plot_grid(families, tasks, cells, *, title: str):
+  """A heat map of test accuracy, families x tasks; unfinished cells blank."""
+  import numpy as np  # noqa: PLC0415
+
+  plt = _pyplot()
+  values = np.full((len(families), len(tasks)), np.nan)
+  for (family, task), trial in cells.items():
+    if trial.status == "done":
+      values[families.index(family), tasks.index(task)] = 100 * trial.results["test_accuracy"]
+  fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2.5, 0.38 * len(families) + 1.5))
+  image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+  for i in range(len(families)):
+    for j in range(len(tasks)):
+      if not np.isnan(values[i, j]):
+        ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                color="white" if values[i, j] < np.nanmean(values) else "black")
+  ax.set_xticks(range(len(tasks)), [TASK_COLUMNS.get(t, t) for t in tasks])
+  ax.set_yticks(range(len(families)), families)
+  ax.set_title(f"{title}: test accuracy (%)", fontsize=10)
+  fig.colorbar(image, ax=ax)
+  fig.tight_layout()
+  return fig
+
+
+def _plot_curves(workdir: str, manifest: Manifest):
+  from effx import metrics  # noqa: PLC0415
+
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(8, 5))
   for trial in manifest.trials:
-    path = os.path.join(workdir, trial.name, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not files.exists(os.path.join(workdir, trial.name, "metrics.jsonl")):
       continue
-    with open(path, encoding="utf-8") as f:
-      points = [json.loads(line) for line in f if line.strip()]
-    points = [(p["step"], 100 * p["accuracy"]) for p in points
-              if p.get("split") == "validation" and "accuracy" in p]
+    points = [(p["step"], 100 * p["accuracy"]) for p in metrics.read(
+        os.path.join(workdir, trial.name)) if p.get("split") == "validation" and "accuracy" in p]
     if points:
       ax.plot(*zip(*points), marker="o", ms=3, label=f"{trial.name} ({trial.status})")
   ax.set_xlabel("step")
@@ -461,10 +689,9 @@ def _plot_curves(workdir: str, manifest: Manifest) -> None:
   ax.set_title(f"sweep {manifest.sweep or '(default)'}: validation curves", fontsize=10)
   ax.grid(True, alpha=0.3)
   if ax.lines:
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2 if len(ax.lines) > 10 else 1)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "curves.png"), dpi=110)
-  plt.close(fig)
+  return fig
 
 
 def main(argv=None) -> int:
@@ -477,7 +704,7 @@ def main(argv=None) -> int:
   parser.add_argument("--parallel", type=int, default=1, help="trials at a time")
   parser.add_argument("--dry-run", action="store_true", help="print the commands only")
   parser.add_argument("--report", action="store_true", help="only rewrite the results")
-  parser.add_argument("--launcher", default="local", choices=("local", "slurm"))
+  parser.add_argument("--launcher", default="local", choices=("local", "slurm", "tpu"))
   parser.add_argument("--check_topology", default="", metavar="TPU",
                       help="compile every trial for this TPU topology (e.g. v5e:4x4) and "
                       "stop; needs libtpu (pip install -e '.[tpu]')")
@@ -488,13 +715,39 @@ def main(argv=None) -> int:
   slurm.add_argument("--partition", default="")
   slurm.add_argument("--resubmit", action="store_true",
                      help="submit trials again that an ended job left unfinished")
+  pod_args = parser.add_argument_group("tpu (a TPU VM or pod slice; --workdir=gs://...)")
+  pod_args.add_argument("--tpu", default="", metavar="NAME", help="the TPU to use or create")
+  pod_args.add_argument("--zone", default="")
+  pod_args.add_argument("--accelerator", default="", help="e.g. v5litepod-16, v4-32, v6e-8")
+  pod_args.add_argument("--project", default="", help="default: gcloud's configured one")
+  pod_args.add_argument("--queued", action="store_true",
+                        help="create it as a queued resource and wait until it is ACTIVE")
+  pod_args.add_argument("--spot", action="store_true", help="create a spot TPU")
+  pod_args.add_argument("--runtime_version", default="",
+                        help="TPU VM image (default: the generation's)")
   args = parser.parse_args(argv)
   if args.parallel <= 0:
     parser.error(f"--parallel={args.parallel} must be positive")
   if args.nodes <= 0 or args.gpus_per_node < 0:
     parser.error("--nodes must be positive and --gpus_per_node >= 0")
+  pod = None
+  if args.launcher == "tpu":
+    from effx import tpu  # noqa: PLC0415
+
+    pod = cli.user_errors_in_one_line(tpu.Pod)(
+        args.tpu, args.zone, args.accelerator, project=args.project, queued=args.queued,
+        spot=args.spot, runtime=args.runtime_version)
+    if not files.is_remote(args.workdir):
+      parser.error(f"--launcher=tpu needs --workdir=gs://BUCKET/...: the workers and this "
+                   f"machine must see the same files, and {args.workdir} is a local path")
+    if args.parallel != 1:
+      parser.error("--launcher=tpu runs one trial at a time on the whole slice: drop "
+                   "--parallel")
+  if args.launcher == "slurm" and files.is_remote(args.workdir):
+    parser.error(f"--launcher=slurm writes job logs beside the workdir: give a folder on the "
+                 f"cluster's shared filesystem, not {args.workdir}")
   trials = cli.user_errors_in_one_line(define)(args.config, args.sweep)
-  workdir = os.path.abspath(args.workdir)
+  workdir = files.absolute(args.workdir)
   if args.check_topology:
     cli.user_errors_in_one_line(check_topology)(args.config, trials, args.check_topology)
     return 0
@@ -507,13 +760,19 @@ def main(argv=None) -> int:
                                       **slurm_options)
       print(f"# {workdir}/slurm/sweep.sbatch\n{script}# {workdir}/slurm/commands.txt\n"
             f"{commands}", end="")
+    elif args.launcher == "tpu":
+      create, *rest = tpu_plan(args.config, workdir, trials, pod)
+      print(f"# unless `{shlex.join(pod.describe())}` finds it:\n{shlex.join(create)}")
+      if pod.queued:
+        print(f"# then wait until `{shlex.join(pod.state())}` prints ACTIVE")
+      print("\n".join(shlex.join(c) for c in rest))
     else:
       for trial in trials:
         print(shlex.join(command(args.config, workdir, trial)))
     return 0
-  if os.path.isfile(workdir):
+  if not files.is_remote(workdir) and os.path.isfile(workdir):
     parser.error(f"--workdir={workdir} is a file")
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   manifest = cli.user_errors_in_one_line(Manifest)(workdir, args.config, args.sweep, trials)
   refresh(workdir, manifest)
   manifest.save()
@@ -532,10 +791,16 @@ def main(argv=None) -> int:
     finished = sum(t.status == "done" for t in trials)
     with tqdm(total=len(trials), initial=finished, desc="trials", unit="trial") as bar:
       try:
-        run_local(args.config, workdir, manifest, args.parallel, progress=bar.update)
+        if pod is not None:
+          run_tpu(args.config, workdir, manifest, pod, progress=bar.update)
+        else:
+          run_local(args.config, workdir, manifest, args.parallel, progress=bar.update)
       except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+      except OSError as error:  # the tpu launcher: no gcloud, or a setup command failed
+        print(f"error: {error}", file=sys.stderr)
+        return 1
   print("\n".join(report(workdir, manifest)))
   failed = [t.name for t in trials if t.status == "failed"]
   if failed:

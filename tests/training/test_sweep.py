@@ -223,3 +223,205 @@ def test_every_trial_compiles_for_a_tpu_topology_or_says_why_not(spec):
                                   "model.mlp_dim": 65536})
   with pytest.raises(ValueError, match="does not fit on v5e:2x2 .*HBM"):
     aot.check(big, "v5e:2x2")
+
+
+def test_tpu_launch_dry_run_and_its_bad_input(spec, tmp_path):
+  from effx import tpu
+
+  bucket = "gs://bucket/sweep"
+  args = ["--launcher=tpu", "--tpu=effx-pod", "--zone=us-west4-a",
+          "--accelerator=v5litepod-16"]
+  out = subprocess.run(_sweep(spec, bucket, *args, "--queued", "--project=lab", "--dry-run"),
+                       capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+  zone = "--zone=us-west4-a --project=lab"
+  archive = f"{sweep._stage(bucket)}/effx.tar.gz"
+  gcloud = "gcloud compute tpus"
+  trials = [f"{gcloud} tpu-vm ssh effx-pod --worker=all --command 'cd effx && python3 -m "
+            f"effx.train --config=sweep_config.py --workdir={bucket}/learning_rate-{lr} "
+            f"--distributed --config.learning_rate={lr}' {zone}" for lr in ("0.001", "0.003")]
+  assert out.splitlines() == [
+      f"# unless `{gcloud} tpu-vm describe effx-pod {zone}` finds it:",
+      f"{gcloud} queued-resources create effx-pod --node-id=effx-pod "
+      f"--accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite {zone}",
+      f"# then wait until `{gcloud} queued-resources describe effx-pod "
+      f"'--format=value(state.state)' {zone}` prints ACTIVE",
+      f"tar czf {archive} --exclude=__pycache__ -C {tpu.ROOT} pyproject.toml README.md effx "
+      f"configs -C {tmp_path} sweep_config.py",
+      f"{gcloud} tpu-vm scp {archive} effx-pod:effx.tar.gz --worker=all {zone}",
+      f"{gcloud} tpu-vm ssh effx-pod --worker=all --command 'rm -rf effx && mkdir effx && "
+      f"tar xzf effx.tar.gz -C effx && cd effx && python3 -m pip install -q -e .[tpu]' {zone}",
+      *trials]
+  direct = subprocess.run(_sweep(spec, bucket, *args, "--spot", "--dry-run"),
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+  assert direct[1] == ("gcloud compute tpus tpu-vm create effx-pod --accelerator-type="
+                       "v5litepod-16 --version=v2-alpha-tpuv5-lite --spot --zone=us-west4-a")
+  for bad, message in [
+      ((bucket, "--launcher=tpu", "--zone=z", "--accelerator=v4-8"), "needs --tpu=NAME"),
+      ((bucket, *args[:3], "--accelerator=v5e16"), "not a TPU type gcloud takes"),
+      ((bucket, *args[:3], "--accelerator=v9-8"), "no default runtime image for v9"),
+      ((str(tmp_path / "local"), *args), "needs --workdir=gs://BUCKET"),
+      ((bucket, *args, "--parallel=2"), "one trial at a time")]:
+    result = subprocess.run(_sweep(spec, *bad), capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_tpu_trial_runs_on_two_stand_in_hosts(spec, tmp_path):
+  """The tpu launcher's own archive, unpacked as each worker unpacks it, and its worker
+  command run by two local processes: ``--distributed`` makes both call
+  ``jax.distributed.initialize()`` with no arguments, which finds the other from the
+  cluster's environment (Slurm's variables stand in for the TPU metadata here)."""
+  import socket
+
+  from effx import tpu
+
+  trial = sweep.define(spec, None)[0]
+  home = tmp_path / "home"
+  (home / "effx").mkdir(parents=True)
+  archive = str(tmp_path / "effx.tar.gz")
+  subprocess.run(tpu.pack([spec], archive), check=True)
+  subprocess.run(["tar", "xzf", archive, "-C", str(home / "effx")], check=True)
+  workdir = tmp_path / "run"
+  remote = tpu.worker_command(sweep.command(spec, str(workdir), trial, python="python3",
+                                            distributed=True))
+  assert remote.startswith("cd effx && python3 -m effx.train --config=sweep_config.py ")
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+  (bin_dir / "python3").chmod(0o755)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
+         "JAX_NUM_CPU_DEVICES": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+         "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+         "SLURM_LOCALID": "0", "PYTHONPATH": ""}
+  hosts = [subprocess.Popen(["bash", "-c", remote], cwd=home, text=True,
+                            env={**env, "SLURM_PROCID": str(i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for i in range(2)]
+  outs = [host.communicate(timeout=400)[0] for host in hosts]
+  assert all(host.returncode == 0 for host in hosts), outs[0][-2000:] + outs[1][-2000:]
+  results = json.loads((workdir / trial.name / "results.json").read_text())
+  assert results["step"] == 10 and results["devices"].startswith("2 x")
+  assert results["config"]["learning_rate"] == 0.001
+
+
+def test_a_sweep_over_families_and_tasks_reads_as_lra_table_one(tmp_path):
+  path = tmp_path / "lra_sweep.py"
+  path.write_text(f"""
+def sweep(add, arg=None):
+  for task in ("text", "listops"):
+    for family in ("dense", "local"):
+      add(**{{"config": "{CONFIGS}/lra_" + task + ".py:tiny", "model.attention": family}})
+""")
+  trials = sweep.define(str(path), None)
+  assert [t.name for t in trials][:2] == ["lra_text-tiny_attention-dense",
+                                          "lra_text-tiny_attention-local"]
+  cmd = sweep.command(str(path), "/runs", trials[0])
+  assert cmd[3:] == [f"--config={CONFIGS}/lra_text.py:tiny",
+                     "--workdir=/runs/lra_text-tiny_attention-dense",
+                     "--config.model.attention=dense"]
+  workdir = tmp_path / "sweep"
+  workdir.mkdir()
+  manifest = sweep.Manifest(str(workdir), str(path), None, trials)
+  accuracy = {"lra_text-tiny_attention-dense": 0.61, "lra_text-tiny_attention-local": 0.55,
+              "lra_listops-tiny_attention-dense": 0.37}
+  for name, value in accuracy.items():  # three trials finished, one never ran
+    (workdir / name).mkdir()
+    (workdir / name / "results.json").write_text(json.dumps(
+        {"test_accuracy": value, "eval_accuracy": value, "best_step": 5, "step": 10,
+         "wall_time_s": 5.0, "peak_memory_bytes": 2**20}))
+  sweep.refresh(str(workdir), manifest)
+  lines = sweep.report(str(workdir), manifest)
+  assert lines[:4] == ["| Model | ListOps | Text | Avg |", "|---|---:|---:|---:|",
+                       "| dense | 37.00 | 61.00 | 49.00 |", "| local | pending | 55.00 |  |"]
+  assert (workdir / "table.png").stat().st_size > 0
+  assert "| lra_listops-tiny_attention-local | lra_listops.py:tiny" not in lines
+  with pytest.raises(ValueError, match="a trial's config is a config file"):
+    sweep.trial_config(str(path), {"config": 3})
+
+
+@pytest.mark.slow
+def test_a_sweep_and_its_runs_live_in_a_bucket(spec, bucket, tmp_path):
+  """gs:// workdirs (a Cloud Storage emulator here): checkpoints through orbax, every
+  other file through effx.files; the runs resume from the bucket exactly."""
+  from effx import files, metrics
+
+  workdir = f"{bucket}/sweep"
+  assert sweep.main([f"--config={spec}", f"--workdir={workdir}"]) == 0
+  manifest = json.loads(files.read_text(f"{workdir}/sweep.json"))
+  assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
+  first = f"{workdir}/{manifest['trials'][0]['name']}"
+  assert "| learning_rate-0.001 | 0.001 | done |" in files.read_text(f"{workdir}/results.md")
+  assert files.exists(f"{workdir}/curves.png") and files.exists(f"{workdir}/results.csv")
+  assert "step 10/10" in files.read_text(f"{workdir}/logs/learning_rate-0.001.log")
+  assert "10" in files.listdir(f"{first}/checkpoints")
+  assert files.glob(f"{first}/tensorboard", "events.out.tfevents.*")
+  assert "test" in {r["split"] for r in metrics.read(first)}
+  # Five steps more from the bucket's checkpoint end where fifteen straight steps end.
+  config = trainer.load_workdir_config(first)
+  config.num_train_steps = 15
+  resumed = trainer.train_and_evaluate(config, first)
+  straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert resumed["final_train_loss"] == straight["final_train_loss"]
+  sessions = json.loads(files.read_text(f"{first}/sessions.json"))
+  assert [s["start_step"] for s in sessions] == [0, 10]
+  timeless = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_per_s")}  # noqa: E731
+                           for r in rows]
+  assert timeless(metrics.read(first)) == timeless(metrics.read(str(tmp_path / "straight")))
+  from effx import evaluate
+
+  evaluated = evaluate.evaluate_workdir(first, "test", "best")
+  assert evaluated["accuracy"] == resumed["test_accuracy"]
+  assert files.exists(f"{first}/eval_test_best_{evaluated['step']}.json")
+
+
+@pytest.mark.slow
+def test_the_tpu_launcher_creates_installs_runs_and_reports(spec, bucket, tmp_path):
+  """``--launcher=tpu`` against a stand-in ``gcloud`` whose one-worker "TPU" is a local
+  folder: the TPU is created because ``describe`` fails, the packed checkout is copied
+  and unpacked there, each trial runs in it with ``--distributed``, and the results in
+  the bucket make the report."""
+  import socket
+
+  from effx import files
+
+  home, bin_dir = tmp_path / "worker", tmp_path / "bin"
+  home.mkdir()
+  bin_dir.mkdir()
+  log = tmp_path / "gcloud.log"
+  # gcloud compute tpus <tpu-vm|queued-resources> <verb> ...
+  (bin_dir / "gcloud").write_text(f"""#!/bin/bash
+echo "$*" >> {log}
+case "$4" in
+  describe) [ -f {home}/created ] ;;
+  create) touch {home}/created ;;
+  scp) cp "$5" {home}/effx.tar.gz ;;
+  ssh) cd {home} && bash -c "$8" ;;
+esac
+""")
+  (bin_dir / "python3").write_text(  # the worker's pip install is not repeated here
+      f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
+  for tool in ("gcloud", "python3"):
+    (bin_dir / tool).chmod(0o755)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
+         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "SLURM_JOB_ID": "7",
+         "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0"}
+  workdir = f"{bucket}/tpu_sweep"
+  subprocess.run(_sweep(spec, workdir, "--launcher=tpu", "--tpu=pod", "--zone=z",
+                        "--accelerator=v4-8"), check=True, env=env, capture_output=True)
+  verbs = [line.split()[3] for line in log.read_text().splitlines()]
+  assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh"]
+  manifest = json.loads(files.read_text(f"{workdir}/sweep.json"))
+  assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
+  assert (home / "effx" / "effx" / "tpu.py").exists()
+  assert "| learning_rate-0.003 | 0.003 | done |" in files.read_text(f"{workdir}/results.md")
+  # Rerun: the TPU exists and every trial is done, so nothing is created or run.
+  subprocess.run(_sweep(spec, workdir, "--launcher=tpu", "--tpu=pod", "--zone=z",
+                        "--accelerator=v4-8"), check=True, env=env, capture_output=True)
+  assert len(log.read_text().splitlines()) == 6
