@@ -3,8 +3,8 @@
 Local paths go through ``os`` exactly as before; a path with a scheme (``gs://``,
 ``s3://``) goes through ``etils.epath``, which needs ``gcsfs`` for ``gs://`` (``pip
 install -e '.[gcs]'``, part of ``.[tpu]``). An object store replaces an object whole, so
-the atomic write of a remote file is a plain write; there is no append, so appending
-rewrites the object (the files appended to, ``metrics.jsonl`` and logs, stay small).
+the atomic write of a remote file is a plain write; there is no append (``metrics``
+rewrites ``metrics.jsonl`` from the rows it holds, a sweep uploads each trial's log).
 """
 
 from __future__ import annotations
@@ -77,16 +77,6 @@ def write_text_atomic(path: str, text: str) -> None:
     os.fsync(f.fileno())  # a crash after the rename must not leave an empty file
   os.chmod(f.name, 0o644)
   os.replace(f.name, path)
-
-
-def append_text(path: str, text: str) -> None:
-  """Appends to a local file; rewrites an object with ``text`` added."""
-  if is_remote(path):
-    old = read_text(path) if exists(path) else ""
-    _epath(path).write_text(old + text, encoding="utf-8")
-    return
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(text)
 
 
 def remove(path: str) -> None:

@@ -34,12 +34,15 @@ class Writer:
     self._tb = None
     if self._enabled:
       kept = _truncate(self._jsonl, resume_step)
+      # A bucket has no append: the rows are kept here and the object rewritten whole.
+      self._remote_rows = ([json.dumps(row) + "\n" for row in kept]
+                           if files.is_remote(self._jsonl) else None)
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
       tb_dir = os.path.join(workdir, "tensorboard")
       old_events = (files.glob(tb_dir, "events.out.tfevents.*") if files.isdir(tb_dir)
                     else [])
-      # A bucket has no append: events go to a local file, copied there at every flush.
+      # Events go to a local file, copied to a bucket at every flush.
       self._tb_remote = tb_dir if files.is_remote(tb_dir) else None
       # A name of its own: an old file of the same name would be truncated, then deleted.
       self._tb = SummaryWriter(tempfile.mkdtemp(prefix="effx-tb-") if self._tb_remote
@@ -57,7 +60,12 @@ class Writer:
     if not self._enabled:
       return
     row = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
-    files.append_text(self._jsonl, json.dumps(row) + "\n")
+    if self._remote_rows is None:
+      with open(self._jsonl, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    else:
+      self._remote_rows.append(json.dumps(row) + "\n")
+      files.write_text_atomic(self._jsonl, "".join(self._remote_rows))
     for name, value in values.items():
       self._tb.add_scalar(f"{split}/{name}", float(value), int(step))
     self._flush()

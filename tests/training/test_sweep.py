@@ -266,14 +266,25 @@ def test_tpu_launch_dry_run_and_its_bad_input(spec, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def _stand_in_hosts(count):
+  """The environment of ``count`` processes that ``jax.distributed.initialize()`` (no
+  arguments) joins as one cluster: Slurm's variables stand in for a TPU's metadata."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+          "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1",
+          "SLURM_NTASKS": str(count), "SLURM_LOCALID": "0"}
+
+
 @pytest.mark.slow
 def test_a_tpu_trial_runs_on_two_stand_in_hosts(spec, tmp_path):
   """The tpu launcher's own archive, unpacked as each worker unpacks it, and its worker
   command run by two local processes: ``--distributed`` makes both call
   ``jax.distributed.initialize()`` with no arguments, which finds the other from the
   cluster's environment (Slurm's variables stand in for the TPU metadata here)."""
-  import socket
-
   from effx import tpu
 
   trial = sweep.define(spec, None)[0]
@@ -290,13 +301,8 @@ def test_a_tpu_trial_runs_on_two_stand_in_hosts(spec, tmp_path):
   bin_dir.mkdir()
   (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
   (bin_dir / "python3").chmod(0o755)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
-         "JAX_NUM_CPU_DEVICES": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-         "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
-         "SLURM_LOCALID": "0", "PYTHONPATH": ""}
+  env = {**_stand_in_hosts(2), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+         "JAX_NUM_CPU_DEVICES": "1", "PYTHONPATH": ""}
   hosts = [subprocess.Popen(["bash", "-c", remote], cwd=home, text=True,
                             env={**env, "SLURM_PROCID": str(i)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT) for i in range(2)]
@@ -383,8 +389,6 @@ def test_the_tpu_launcher_creates_installs_runs_and_reports(spec, bucket, tmp_pa
   folder: the TPU is created because ``describe`` fails, the packed checkout is copied
   and unpacked there, each trial runs in it with ``--distributed``, and the results in
   the bucket make the report."""
-  import socket
-
   from effx import files
 
   home, bin_dir = tmp_path / "worker", tmp_path / "bin"
@@ -405,13 +409,8 @@ esac
       f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
   for tool in ("gcloud", "python3"):
     (bin_dir / tool).chmod(0o755)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
-         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "SLURM_JOB_ID": "7",
-         "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
-         "SLURM_LOCALID": "0"}
+  env = {**_stand_in_hosts(1), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+         "SLURM_PROCID": "0"}
   workdir = f"{bucket}/tpu_sweep"
   subprocess.run(_sweep(spec, workdir, "--launcher=tpu", "--tpu=pod", "--zone=z",
                         "--accelerator=v4-8"), check=True, env=env, capture_output=True)
