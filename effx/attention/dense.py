@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effx.attention.base import Family, check_choice, check_qkv, zero_padded_queries
-from effx.attention.core import attention_from_logits
+from effx.attention.core import NEG
 from effx.attention.registry import register
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -42,10 +42,18 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
   length = q.shape[1]
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                       preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
-  allowed = jnp.ones((1, 1, 1, length), bool) if mask is None else mask[:, None, None, :]
+  allowed = None if mask is None else mask[:, None, None, :]
   if causal:
-    allowed = allowed & jnp.tri(length, dtype=bool)
-  out, _ = attention_from_logits(logits, v, allowed)
+    tri = jnp.tri(length, dtype=bool)
+    allowed = tri if allowed is None else allowed & tri
+  if allowed is not None:
+    # A real query always has an allowed key (itself), so NEG never makes a whole row;
+    # padded queries are zeroed below.
+    logits = jnp.where(allowed, logits, NEG)
+  # jax.nn.softmax's own derivative rule (y * (g - sum(g * y))) keeps one [h, l, l] array
+  # for the backward, where differentiating exp / sum / divide keeps several.
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(jnp.float32))
   return zero_padded_queries(out.astype(q.dtype), mask)
 
 
