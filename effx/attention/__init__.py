@@ -11,6 +11,8 @@ tensors, and registers under a name::
                              attention_kwargs={"num_features": 128})
 
 ``reference`` is the dense float32 oracle the tests compare every family against.
+``kernel`` is the block-sparse kernel the pattern families share: describe which key
+blocks each query block visits (``kernel.Layout``) and call ``kernel.attend``.
 """
 
 from effx.attention.registry import get, make, names, options, register, supports_causal
@@ -34,11 +36,12 @@ from effx.attention.performer import PerformerAttention, performer_attention
 from effx.attention.linear import LinearAttention, linear_attention
 from effx.attention.cosformer import CosformerAttention, cosformer_attention
 
+from effx.attention import kernel
 from effx.attention.patterns import pattern, pattern_names, plot_pattern
 from effx.attention.self_attention import SelfAttention
 
 __all__ = [
-    "names", "get", "make", "options", "register", "supports_causal", "reference",
+    "kernel", "names", "get", "make", "options", "register", "supports_causal", "reference",
     "pattern", "pattern_names", "plot_pattern", "SelfAttention",
     "DenseAttention", "BlockwiseAttention", "LocalAttention", "DilatedAttention",
     "SparseAttention", "LongformerAttention", "BigBirdAttention", "LSHAttention",

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention.core import extents, grouped_attention, pad_axis
+from effx.attention import kernel
+from effx.attention.core import extents, pad_axis, positions
 from effx.attention.registry import register
 
 
@@ -119,42 +120,25 @@ def bigbird_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
   """
   mask = check_qkv("bigbird", q, k, v, mask)
   _check(block_size, num_random_blocks, num_global_blocks)
-  b, length, h, d = q.shape
-  dv = v.shape[-1]
+  b, length, h, _ = q.shape
   bs = block_size
   n = -(-length // bs)
   real_blocks = -(-extents(b, length, mask) // bs)
   table, slot_valid, _, global_ids = block_plan(real_blocks, n, h, num_global_blocks,
                                                 num_random_blocks, seed)
-  slots = table.shape[-1]
-  valid = jnp.ones((b, length), bool) if mask is None else mask
-  valid = pad_axis(valid, bs, axis=1, value=False).reshape(b, n, bs)
-  scale = d ** -0.5
-
-  def blocks(x):  # [b, l, h, e] -> [b, h, n, bs, e]
-    x = pad_axis(x, bs, axis=1).reshape(b, n, bs, h, x.shape[-1])
-    return jnp.moveaxis(x, 3, 1)
-
-  def gather(xb):  # key blocks of every query block: [b, n, slots * bs, h, e]
-    g = jnp.take_along_axis(xb, table.reshape(b, h, n * slots)[..., None, None], axis=2)
-    return jnp.moveaxis(g.reshape(b, h, n, slots * bs, xb.shape[-1]), 1, 3)
-
-  qb, kb, vb = blocks(q), blocks(k), blocks(v)
-  key_valid = jnp.take_along_axis(valid[:, None], table.reshape(b, h, -1)[..., None], axis=2)
-  key_valid = (key_valid.reshape(b, h, n, slots, bs) & slot_valid[..., None])
-  key_valid = jnp.moveaxis(key_valid.reshape(b, h, n, slots * bs), 1, 2)     # [b, n, h, K]
-  out, _ = grouped_attention(jnp.moveaxis(qb, 1, 3), gather(kb), gather(vb),
-                             key_valid[:, :, :, None, :], scale=scale)     # [b, n, bs, h, dv]
+  pos, valid = positions(b, length, mask)
+  # Window, global and random blocks of every query block: a dynamic layout (it depends
+  # on each example's extent), one pass of the block-sparse kernel.
+  layout = kernel.Layout.from_table(table, slot_valid, bs, bs, n)
+  out, _ = kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid)
   if num_global_blocks:
     # Global query blocks see every real key.
-    qg = jnp.take_along_axis(qb, global_ids[:, None, :, None, None], axis=2)  # [b, h, g, bs, d]
-    qg = jnp.moveaxis(qg, 1, 3).reshape(b, -1, h, d)
-    rows, _ = grouped_attention(qg, jnp.moveaxis(kb, 1, 3).reshape(b, n * bs, h, d),
-                                jnp.moveaxis(vb, 1, 3).reshape(b, n * bs, h, dv),
-                                valid.reshape(b, 1, 1, n * bs), scale=scale)
-    rows = rows.reshape(b, num_global_blocks, bs, h, dv)
-    out = out.at[jnp.arange(b)[:, None], global_ids].set(rows)
-  out = out.reshape(b, n * bs, h, dv)[:, :length]
+    rows_pos = (global_ids[:, :, None] * bs + jnp.arange(bs)[None, None, :]).reshape(b, -1)
+    qg = jnp.take_along_axis(pad_axis(q, bs, axis=1), rows_pos[:, :, None, None], axis=1)
+    full = kernel.Layout.full(rows_pos.shape[1], length, bs, min(length, 512))
+    rows, _ = kernel.attend(qg, k, v, full, q_pos=rows_pos, k_pos=pos, k_valid=valid)
+    out = pad_axis(out, bs, axis=1)
+    out = out.at[jnp.arange(b)[:, None], rows_pos].set(rows)[:, :length]
   return zero_padded_queries(out.astype(q.dtype), mask)
 
 

@@ -63,6 +63,26 @@ class NotIn:
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyIn:
+  """Key position in ``positions``."""
+  positions: tuple[int, ...]
+
+  def __call__(self, qp, kp):
+    return ~NotIn(self.positions)(qp, kp)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyOf:
+  rules: tuple[Callable, ...]
+
+  def __call__(self, qp, kp):
+    out = jnp.zeros(jnp.broadcast_shapes(qp.shape, kp.shape), bool)
+    for rule in self.rules:
+      out = out | rule(qp, kp)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class AllOf:
   rules: tuple[Callable, ...]
 
@@ -119,7 +139,7 @@ def merge(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.
   """Combines partial softmax attentions over disjoint key sets.
 
   Each part is ``(out [..., heads, dv], lse [..., heads])`` as returned by
-  ``grouped_attention`` or ``flash.attend``. The result is the softmax attention over the
+  ``grouped_attention`` or ``kernel.attend``. The result is the softmax attention over the
   union of the parts' keys, with its own log-sum-exp.
   """
   outs = jnp.stack([o for o, _ in parts])

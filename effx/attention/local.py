@@ -5,51 +5,41 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention.core import Band, grouped_attention, neighbour_blocks, pad_axis, positions
+from effx.attention import kernel
+from effx.attention.core import AllOf, Band, positions
 from effx.attention.registry import register
 
-# Blocks shorter than this make many tiny matmuls; a larger block only wastes
-# O(length * block) work outside the band, which stays linear in length.
-MIN_BLOCK = 64
+# Query and key block length of the band. Smaller blocks waste less work outside the band
+# (a query block visits ceil(2 * window / block) + 1 key blocks) but make smaller matmuls;
+# 128 was fastest on CPU for windows of 128..512 (experiments/results/cpu/peers).
+BLOCK = 128
 
 
-def local_parts(q, k, v, *, mask, causal, window, rule: Callable | None = None):
+def local_parts(q, k, v, *, mask, causal, window, rule: Callable | None = None,
+                extra_blocks: np.ndarray | None = None):
   """Banded attention as ``(out [b, l, h, dv] float32, lse [b, l, h])``.
 
   Query ``i`` sees key ``j`` iff ``|i - j| <= window`` (and ``j <= i`` when causal), the
-  key is real, and ``rule(i, j)`` holds. Queries are cut into blocks of
-  ``block >= window`` positions; each block sees its own keys and those of the block
-  before (and after, unless causal), which covers the band.
+  key is real, and ``rule(i, j)`` holds. The band runs through the block-sparse kernel:
+  each block of ``BLOCK`` queries visits the key blocks its band touches.
+
+  ``extra_blocks`` (a boolean ``[num_blocks, num_blocks]``) adds visited block pairs; then
+  ``rule`` alone says which pairs are allowed (it must imply the band outside them).
   """
-  b, length, h, _ = q.shape
-  block = min(length, max(window, MIN_BLOCK))
-  padded = -(-length // block) * block
-  _, valid = positions(b, length, mask)
-  pos = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))
-
-  def blocks(x, fill=0):
-    x = pad_axis(x, block, axis=1, value=fill)
-    return x.reshape(b, -1, block, *x.shape[2:])
-
-  after = 0 if causal else 1
-  qb, qpos = blocks(q), blocks(pos)
-  kb = neighbour_blocks(blocks(k), 1, after)
-  vb = neighbour_blocks(blocks(v), 1, after)
-  kpos = neighbour_blocks(blocks(pos), 1, after)
-  kvalid = neighbour_blocks(blocks(valid, False), 1, after, fill=False)
-  qp, kp = qpos[..., :, None], kpos[..., None, :]            # [b, n, block, 1], [b, n, 1, K]
-  allowed = kvalid[..., None, :] & Band(window)(qp, kp)      # [b, n, block, K]
-  if causal:
-    allowed = allowed & (kp <= qp)
-  if rule is not None:
-    allowed = allowed & rule(qp, kp)
-  out, lse = grouped_attention(qb, kb, vb, allowed[:, :, None], scale=q.shape[-1] ** -0.5)
-  out = out.reshape(b, -1, h, v.shape[-1])[:, :length]
-  return out, lse.reshape(b, -1, h)[:, :length]
+  b, length = q.shape[:2]
+  block = min(length, BLOCK)
+  layout = kernel.Layout.band(length, block, window, 0 if causal else window)
+  if extra_blocks is not None:
+    layout = kernel.Layout.from_blocks(layout.blocks() | extra_blocks, block, block)
+    allow = rule
+  else:
+    allow = Band(window) if rule is None else AllOf((Band(window), rule))
+  pos, valid = positions(b, length, mask)
+  return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid, causal=causal,
+                       rule=allow)
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention.core import NotIn, grouped_attention, merge, positions
+from effx.attention import kernel, local
+from effx.attention.core import AnyOf, Band, KeyIn, positions
 from effx.attention.local import band_pattern, local_parts
 from effx.attention.registry import register
 
@@ -55,20 +57,20 @@ def longformer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     out, _ = local_parts(q, k, v, mask=mask, causal=causal, window=window)
     return zero_padded_queries(out.astype(q.dtype), mask)
   pos, valid = positions(b, length, mask)
-  idx = np.array(glob, np.int32)
-  scale = q.shape[-1] ** -0.5
-  # Every query: its window (minus global keys, counted once below) + the global keys.
-  near = local_parts(q, k, v, mask=mask, causal=causal, window=window, rule=NotIn(glob))
-  to_global = valid[:, None, None, idx]                      # [b, 1, 1, g]
-  if causal:
-    to_global = to_global & (idx[None, None, None, :] <= pos[:, None, :, None])
-  far = grouped_attention(q, k[:, idx], v[:, idx], to_global, scale=scale)
-  out, _ = merge([near, far])
+  # Every query: its window and the global keys, in one pass of the kernel: the band's
+  # blocks plus the blocks that hold a global key.
+  block = min(length, local.BLOCK)
+  n = -(-length // block)
+  extra = np.zeros((n, n), bool)
+  extra[:, sorted({g // block for g in glob})] = True
+  out, _ = local_parts(q, k, v, mask=mask, causal=causal, window=window,
+                       rule=AnyOf((Band(window), KeyIn(glob))), extra_blocks=extra)
   # Global queries: full rows.
-  from_global = valid[:, None, None, :]                      # [b, 1, 1, l]
-  if causal:
-    from_global = from_global & (pos[:, None, None, :] <= idx[None, None, :, None])
-  rows, _ = grouped_attention(q[:, idx], k, v, from_global, scale=scale)
+  idx = np.array(glob, np.int32)
+  qpos = jnp.broadcast_to(jnp.asarray(idx), (b, idx.size))
+  layout = kernel.Layout.full(idx.size, length, min(idx.size, 512), min(length, 512))
+  rows, _ = kernel.attend(q[:, idx], k, v, layout, q_pos=qpos, k_pos=pos, k_valid=valid,
+                          causal=causal)
   out = out.at[:, idx].set(rows)
   return zero_padded_queries(out.astype(q.dtype), mask)
 

@@ -9,8 +9,9 @@ their log-sum-exp into one exact softmax over the union ("merged" heads in the p
   ``A2 = {j : j mod l >= l - c}`` (the last ``c`` "summary" positions of every block).
 
 With stride ``l`` the cost is O(length * (l + length / l)) time (O(length^1.5) at
-``l ~ sqrt(length)``); the ``A2`` parts run through the chunked exact kernel, so memory
-stays O(length * chunk).
+``l ~ sqrt(length)``); every part runs through the block-sparse kernel (the band, the
+block diagonal, and the strided / summary keys gathered into a sequence of their own), so
+memory stays O(length * block).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention import flash
+from effx.attention import kernel
 from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
                                  zero_padded_queries)
-from effx.attention.core import (NotSelf, OtherBlock, from_residues, grouped_attention, merge,
-                                 pad_axis, positions, to_residues)
+from effx.attention.core import NotSelf, OtherBlock, from_residues, merge, positions, to_residues
 from effx.attention.local import local_parts
 from effx.attention.registry import register
 
@@ -34,41 +34,42 @@ def _summary(stride: int, summary: int | None) -> int:
   return max(1, stride // 16) if summary is None else summary
 
 
+def _full(q, k, v, *, q_pos, k_pos, k_valid, causal, rule=None, same_order=False):
+  """The kernel over every key block (causal block skipping only when queries and keys
+  are one sequence in one order)."""
+  lq, lk = q.shape[1], k.shape[1]
+  bq, bk = min(lq, 512), min(lk, 512)
+  layout = kernel.Layout.full(lq, lk, bq, bk, causal=causal and same_order)
+  return kernel.attend(q, k, v, layout, q_pos=q_pos, k_pos=k_pos, k_valid=k_valid,
+                       causal=causal, rule=rule)
+
+
 def _strided(q, k, v, mask, causal, stride):
   b, length = q.shape[:2]
   pos, valid = positions(b, length, mask)
   near = local_parts(q, k, v, mask=mask, causal=causal, window=stride - 1)
-  out, lse = flash.attend(
-      to_residues(q, stride), to_residues(k, stride), to_residues(v, stride),
-      q_pos=to_residues(pos, stride), k_pos=to_residues(pos, stride),
-      k_valid=to_residues(valid, stride), causal=causal, rule=NotSelf())
+  rpos = to_residues(pos, stride)
+  out, lse = _full(to_residues(q, stride), to_residues(k, stride), to_residues(v, stride),
+                   q_pos=rpos, k_pos=rpos, k_valid=to_residues(valid, stride), causal=causal,
+                   rule=NotSelf(), same_order=True)
   far = (from_residues(out, stride, length), from_residues(lse, stride, length))
   return merge([near, far])
 
 
 def _fixed(q, k, v, mask, causal, stride, summary):
-  b, length, h, _ = q.shape
-  _, valid = positions(b, length, mask)
-  padded = -(-length // stride) * stride
-  pos = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))
-
-  def blocks(x, fill=0):
-    x = pad_axis(x, stride, axis=1, value=fill)
-    return x.reshape(b, -1, stride, *x.shape[2:])
-
-  qp, kp = blocks(pos)[..., :, None], blocks(pos)[..., None, :]
-  allowed = blocks(valid, False)[..., None, :]
-  if causal:
-    allowed = allowed & (kp <= qp)
-  out, lse = grouped_attention(blocks(q), blocks(k), blocks(v), allowed[:, :, None],
-                               scale=q.shape[-1] ** -0.5)
-  own = (out.reshape(b, padded, h, -1)[:, :length], lse.reshape(b, padded, h)[:, :length])
+  b, length = q.shape[:2]
+  pos, valid = positions(b, length, mask)
+  block = min(length, stride)
+  n = -(-length // block)
+  # Own block: the block-diagonal layout (block = stride).
+  own = kernel.attend(q, k, v, kernel.Layout.from_blocks(np.eye(n, dtype=bool), block, block),
+                      q_pos=pos, k_pos=pos, k_valid=valid, causal=causal)
   idx = np.array([p for p in range(length) if p % stride >= stride - summary], np.int32)
   if idx.size == 0:
     return own
   spos = jnp.broadcast_to(jnp.asarray(idx), (b, idx.size))
-  other = flash.attend(q, k[:, idx], v[:, idx], q_pos=pos[:, :length], k_pos=spos,
-                       k_valid=valid[:, idx], causal=causal, rule=OtherBlock(stride))
+  other = _full(q, k[:, idx], v[:, idx], q_pos=pos, k_pos=spos, k_valid=valid[:, idx],
+                causal=causal, rule=OtherBlock(stride))
   return merge([own, other])
 
 

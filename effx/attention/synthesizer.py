@@ -19,7 +19,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from effx.attention import flash
+from effx.attention import kernel
 from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
                                  zero_padded_queries)
 from effx.attention.core import attention_from_logits, positions
@@ -69,8 +69,10 @@ class SynthesizerAttention(Family):
       r2 = self.param("R2", init, (heads, self.max_len, self.rank), self.param_dtype)
       a = jnp.broadcast_to(jnp.swapaxes(r1[:, :length], 0, 1), (b, length, heads, self.rank))
       c = jnp.broadcast_to(jnp.swapaxes(r2[:, :length], 0, 1), (b, length, heads, self.rank))
-      out, _ = flash.attend(a, c, v, q_pos=pos, k_pos=pos, k_valid=valid, causal=self.causal,
-                            scale=self.rank ** -0.5)
+      block = min(length, 512)
+      layout = kernel.Layout.full(length, length, block, block, causal=self.causal)
+      out, _ = kernel.attend(a, c, v, layout, q_pos=pos, k_pos=pos, k_valid=valid,
+                             causal=self.causal, scale=self.rank ** -0.5)
       return zero_padded_queries(out.astype(q.dtype), mask)
     if self.mode == "random":
       init = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", None, None))

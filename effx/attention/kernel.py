@@ -1,0 +1,389 @@
+"""One block-sparse attention kernel for every pattern family.
+
+A family describes *which key blocks each query block visits* (a ``Layout``) and, inside
+the visited blocks, which (query, key) pairs are allowed (key padding, causality, an
+optional position ``rule``, optional segment ids). The kernel computes the exact softmax
+over the allowed pairs with an online softmax over the visited blocks (Rabe & Staats,
+2021; FlashAttention, Dao et al., 2022) and a ``custom_vjp`` backward that recomputes the
+probabilities from the saved log-sum-exp, so forward and backward keep O(length * block)
+temporaries whatever the pattern. Time is proportional to the visited blocks.
+
+Two kinds of layout:
+
+* **static** (``Layout.from_blocks``, a numpy ``[nq, nk]`` block matrix known when
+  tracing; ``full`` and ``band`` build the common ones). The visited pairs are scheduled
+  into steps of *lanes*: in each step every lane processes one (query block, key block)
+  pair, and no query block appears twice in a step. Rows with few blocks share a lane
+  (a causal triangle packs query block ``i`` with ``nq - 1 - i``), so the work is the
+  visited pairs, not ``nq`` times the longest row.
+* **dynamic** (``Layout.from_table``, traced ``[batch, heads, nq, slots]`` key block ids
+  with a validity flag per slot, e.g. BigBird's random blocks drawn from each example's
+  extent): one lane per query block, one step per slot.
+
+Both run as one ``lax.scan`` over the steps (forward and backward), each step a batched
+matmul over the lanes; XLA therefore keeps one step's scores alive at a time.
+
+The layout is the seam for accelerator kernels: ``implementation`` selects the backend.
+``"xla"`` (this file) runs everywhere; a Pallas / splash / cuDNN block-sparse kernel takes
+the same layout and element rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effx.attention.core import NEG, pad_axis
+
+f32 = jnp.float32
+IMPLEMENTATIONS = ("xla",)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+  """Which key blocks each query block visits, as a schedule of steps x lanes.
+
+  Build with ``from_blocks`` (static), ``from_table`` (dynamic), ``full`` or ``band``.
+
+  Attributes:
+    block_q, block_k: query and key block lengths.
+    num_q, num_k: number of query and key blocks.
+    k_ids: key block of each (step, lane): numpy ``[steps, lanes]`` (static) or a traced
+      ``[steps, batch | 1, heads | 1, lanes]`` (dynamic).
+    valid: bool, same shape: False entries do their work but add nothing.
+    q_ids: static layouts that pack rows: numpy ``[steps, lanes]`` query block of each
+      entry; None when lane ``i`` is query block ``i``.
+  """
+  block_q: int
+  block_k: int
+  num_q: int
+  num_k: int
+  k_ids: np.ndarray | jax.Array
+  valid: np.ndarray | jax.Array
+  q_ids: np.ndarray | None = None
+
+  @property
+  def static(self) -> bool:
+    return isinstance(self.k_ids, np.ndarray)
+
+  @classmethod
+  def from_blocks(cls, blocks: np.ndarray, block_q: int, block_k: int) -> Layout:
+    """A static layout from a boolean ``[num_q, num_k]`` matrix of visited block pairs."""
+    blocks = np.asarray(blocks, bool)
+    if blocks.ndim != 2:
+      raise ValueError(f"Layout.from_blocks: blocks must be [num_q, num_k], got {blocks.shape}")
+    nq, nk = blocks.shape
+    rows = [np.nonzero(r)[0] for r in blocks]
+    steps = max([len(r) for r in rows] + [1])
+    lanes = _pack(rows, steps)
+    if len(lanes) > 0.9 * nq:  # packing saves little: one lane per query block, no gathers
+      lanes, packed = [[i] for i in range(nq)], False
+    else:
+      packed = True
+    q_ids = np.zeros((steps, len(lanes)), np.int32)
+    k_ids = np.zeros((steps, len(lanes)), np.int32)
+    valid = np.zeros((steps, len(lanes)), bool)
+    for lane, members in enumerate(lanes):
+      pairs = [(i, j) for i in members for j in rows[i]]
+      q_ids[:, lane] = members[-1]  # padding entries stay on the lane's own query block
+      for t, (i, j) in enumerate(pairs):
+        q_ids[t, lane], k_ids[t, lane], valid[t, lane] = i, j, True
+    return cls(block_q, block_k, nq, nk, k_ids, valid, q_ids if packed else None)
+
+  @classmethod
+  def from_table(cls, table: jax.Array, valid: jax.Array, block_q: int, block_k: int,
+                 num_k: int) -> Layout:
+    """A dynamic layout: ``table[b, h, i, s]`` is the key block query block ``i`` visits
+    in slot ``s`` (``valid`` False: visit nothing); no key block may appear twice among a
+    query block's valid slots (it would be counted twice)."""
+    table = jnp.asarray(table, jnp.int32)
+    if table.ndim != 4 or jnp.shape(valid) != table.shape:
+      raise ValueError(f"Layout.from_table: table and valid must be [batch, heads, num_q, "
+                       f"slots] of one shape, got {table.shape} and {jnp.shape(valid)}")
+    return cls(block_q, block_k, table.shape[2], num_k, jnp.moveaxis(table, -1, 0),
+               jnp.moveaxis(jnp.asarray(valid, bool), -1, 0))
+
+  @classmethod
+  def full(cls, q_len: int, k_len: int, block_q: int, block_k: int, *,
+           causal: bool = False) -> Layout:
+    """Every key block; with ``causal``, only key blocks that start at or before the
+    query block's last position (queries and keys at the same positions)."""
+    nq, nk = -(-q_len // block_q), -(-k_len // block_k)
+    blocks = np.ones((nq, nk), bool)
+    if causal:
+      last_q = np.minimum((np.arange(nq) + 1) * block_q, q_len) - 1
+      blocks = (np.arange(nk) * block_k)[None, :] <= last_q[:, None]
+    return cls.from_blocks(blocks, block_q, block_k)
+
+  @classmethod
+  def band(cls, length: int, block: int, before: int, after: int) -> Layout:
+    """Blocks that hold a key ``j`` with ``i - before <= j <= i + after`` for some query
+    ``i`` of the block (queries and keys at the same positions, one block size)."""
+    n = -(-length // block)
+    first = np.arange(n) * block
+    last = np.minimum(first + block, length) - 1
+    lo = np.maximum(first - before, 0) // block
+    hi = np.minimum(last + after, length - 1) // block
+    ids = np.arange(n)
+    return cls.from_blocks((ids[None, :] >= lo[:, None]) & (ids[None, :] <= hi[:, None]),
+                           block, block)
+
+  def blocks(self) -> np.ndarray:
+    """Static layouts: the boolean ``[num_q, num_k]`` matrix of visited block pairs."""
+    if not self.static:
+      raise ValueError("Layout.blocks: a dynamic layout has no static block matrix")
+    out = np.zeros((self.num_q, self.num_k), bool)
+    q_ids = (np.broadcast_to(np.arange(self.num_q), self.k_ids.shape) if self.q_ids is None
+             else self.q_ids)
+    out[q_ids[self.valid], self.k_ids[self.valid]] = True
+    return out
+
+  def work_fraction(self) -> float:
+    """Block pairs the kernel computes (visited ones and padding entries) / all pairs."""
+    steps, lanes = self.k_ids.shape[0], self.k_ids.shape[-1]
+    return steps * lanes / (self.num_q * self.num_k)
+
+
+def _pack(rows, capacity):
+  """First-fit decreasing: query blocks into lanes of at most ``capacity`` key blocks."""
+  order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+  lanes, room = [], []
+  for i in order:
+    need = len(rows[i])
+    for lane, free in enumerate(room):
+      if need <= free:
+        lanes[lane].append(i)
+        room[lane] -= need
+        break
+    else:
+      lanes.append([i])
+      room.append(capacity - need)
+  return lanes
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: jax.Array,
+           k_pos: jax.Array, k_valid: jax.Array, causal: bool = False,
+           rule: Callable | None = None, q_segment: jax.Array | None = None,
+           k_segment: jax.Array | None = None, scale: float | None = None,
+           implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """Exact softmax attention over the allowed pairs of the visited blocks.
+
+  Query ``i`` attends key ``j`` iff ``j``'s block is visited by ``i``'s block, the key is
+  valid, ``k_pos[j] <= q_pos[i]`` when ``causal``, ``rule(q_pos[i], k_pos[j])`` holds and
+  the segments are equal (when given). Every (query, key) pair must lie in at most one
+  visited block pair, which every layout guarantees.
+
+  Args:
+    q: ``[batch, q_len, heads, d]``.
+    k: ``[batch, k_len, heads, d]``.
+    v: ``[batch, k_len, heads, dv]``.
+    layout: the visited blocks (``num_q = ceil(q_len / block_q)`` and
+      ``num_k = ceil(k_len / block_k)``; lengths are padded to whole blocks internally).
+    q_pos, k_pos: ``[batch, q_len]`` / ``[batch, k_len]`` integer positions, or
+      ``[batch, heads, length]`` when they differ per head (sorted families).
+    k_valid: ``[batch, k_len]`` (or ``[batch, heads, k_len]``) bool, False for padding.
+    causal: allow only ``k_pos <= q_pos``.
+    rule: optional hashable callable ``(q_pos, k_pos) -> bool`` on broadcast arrays.
+    q_segment, k_segment: optional integer ids shaped like the positions; a pair is
+      allowed only within one segment (LSH buckets, documents).
+    scale: logit scale, default ``d ** -0.5``.
+    implementation: backend; ``"xla"`` (any device).
+
+  Returns:
+    ``out [batch, q_len, heads, dv]`` float32 (zeros for a query with no allowed key) and
+    ``lse [batch, q_len, heads]`` float32 (``NEG`` for such a query).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"kernel: implementation={implementation!r} is not available; "
+                     f"available: {', '.join(map(repr, IMPLEMENTATIONS))}")
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  if layout.num_q != -(-lq // layout.block_q) or layout.num_k != -(-lk // layout.block_k):
+    raise ValueError(f"kernel: layout of {layout.num_q} x {layout.num_k} blocks of "
+                     f"{layout.block_q} x {layout.block_k} does not fit q_len={lq}, "
+                     f"k_len={lk}")
+  if (q_segment is None) != (k_segment is None):
+    raise ValueError("kernel: give both q_segment and k_segment, or neither")
+  scale = d ** -0.5 if scale is None else float(scale)
+
+  def heads_first(x, block, fill=0):  # [b, l, h, e] -> [b, h, n, block, e]
+    x = pad_axis(jnp.swapaxes(x, 1, 2), block, axis=2, value=fill)
+    return x.reshape(x.shape[0], x.shape[1], -1, block, x.shape[-1])
+
+  def per_position(x, block, fill, dtype):  # [b, l] | [b, h, l] -> [b, 1 | h, n, block]
+    x = jnp.asarray(x, dtype)
+    x = x[:, None] if x.ndim == 2 else x
+    x = pad_axis(x, block, axis=2, value=fill)
+    return x.reshape(x.shape[0], x.shape[1], -1, block)
+
+  bq, bk = layout.block_q, layout.block_k
+  pos = (per_position(q_pos, bq, 0, jnp.int32), per_position(k_pos, bk, 0, jnp.int32),
+         per_position(k_valid, bk, False, bool),
+         None if q_segment is None else per_position(q_segment, bq, -1, jnp.int32),
+         None if k_segment is None else per_position(k_segment, bk, -2, jnp.int32))
+  ids = (jnp.asarray(layout.k_ids), jnp.asarray(layout.valid),
+         None if layout.q_ids is None else jnp.asarray(layout.q_ids))
+  out, lse = _attend(heads_first(q, bq), heads_first(k, bk), heads_first(v, bk), pos, ids,
+                     _Static(bool(causal), rule, scale))
+  out = out.reshape(b, h, -1, out.shape[-1])[:, :, :lq]
+  lse = lse.reshape(b, h, -1)[:, :, :lq]
+  return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse, 1, 2)
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  causal: bool
+  rule: Callable | None
+  scale: float
+
+
+def _allowed(static, qp, kp, kv, qs, ks, ok):
+  """Allow-mask ``[b, 1 | h, lanes, bq, bk]`` of one step from per-block positions
+  ``qp [b, 1 | h, lanes, bq]``, ``kp, kv [b, 1 | h, lanes, bk]`` (and segments)."""
+  allowed = kv[..., None, :] & ok[..., None, None]
+  if static.causal:
+    allowed = allowed & (kp[..., None, :] <= qp[..., :, None])
+  if static.rule is not None:
+    allowed = allowed & static.rule(qp[..., :, None], kp[..., None, :])
+  if qs is not None:
+    allowed = allowed & (qs[..., :, None] == ks[..., None, :])
+  return allowed
+
+
+def _scores(qi, kj):
+  """``[b, h, lanes, bq, d] x [b, h, lanes, bk, d] -> [b, h, lanes, bq, bk]``."""
+  return jnp.einsum("bhnqd,bhnkd->bhnqk", qi, kj, preferred_element_type=f32)
+
+
+def _pv(p, vj):
+  """``[b, h, lanes, bq, bk] x [b, h, lanes, bk, dv] -> [b, h, lanes, bq, dv]``."""
+  return jnp.einsum("bhnqk,bhnkd->bhnqd", p, vj.astype(f32))
+
+
+def _to_keys(p, x):
+  """``p^T x``: ``[b, h, lanes, bq, bk] x [b, h, lanes, bq, e] -> [b, h, lanes, bk, e]``."""
+  return jnp.einsum("bhnqk,bhnqd->bhnkd", p, x)
+
+
+def _take(x, ids):
+  """Blocks of ``x [b, 1 | h, n, ...]`` at ``ids``: ``[lanes]`` (static) or
+  ``[b | 1, h | 1, lanes]`` (dynamic) -> ``[b, 1 | h | h, lanes, ...]``."""
+  if x is None:
+    return None
+  if ids.ndim == 1:
+    return jnp.take(x, ids, axis=2)
+  heads = max(x.shape[1], ids.shape[1])
+  x = jnp.broadcast_to(x, (x.shape[0], heads) + x.shape[2:])
+  ids = jnp.broadcast_to(ids, (x.shape[0], heads, ids.shape[-1]))
+  return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 3)), axis=2)
+
+
+def _add(x, ids, y):
+  """``x[blocks at ids] += y`` (repeated ids add up)."""
+  if ids.ndim == 1:
+    return x.at[:, :, ids].add(y)
+  b, h = y.shape[:2]
+  ids = jnp.broadcast_to(ids, (b, h, ids.shape[-1]))
+  return x.at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], ids].add(y)
+
+
+def _online_update(state, s, allowed, vj):
+  m, den, acc = state
+  s = jnp.where(allowed, s, -jnp.inf)  # m >= NEG is finite, so exp(-inf - m) = 0
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  p = jnp.exp(s - m_new[..., None])
+  corr = jnp.exp(m - m_new)
+  return m_new, den * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + _pv(p, vj)
+
+
+
+
+def _forward(qb, kb, vb, pos, ids, static):
+  qpos, kpos, kval, qseg, kseg = pos
+  b, h, nq, bq, _ = qb.shape
+  qs = (qb * static.scale).astype(qb.dtype)
+  state = (jnp.full((b, h, nq, bq), NEG, f32), jnp.zeros((b, h, nq, bq), f32),
+           jnp.zeros((b, h, nq, bq, vb.shape[-1]), f32))
+
+  def step(state, xs):
+    kid, ok, qid = xs
+    keys = (_take(kb, kid), _take(vb, kid), _take(kpos, kid), _take(kval, kid),
+            _take(kseg, kid))
+    if qid is None:
+      qi, qpi, qsi, part = qs, qpos, qseg, state
+    else:
+      qi, qpi, qsi = _take(qs, qid), _take(qpos, qid), _take(qseg, qid)
+      part = tuple(_take(x, qid) for x in state)
+    kj, vj, kpj, kvj, ksj = keys
+    allowed = _allowed(static, qpi, kpj, kvj, qsi, ksj, ok)
+    part = _online_update(part, _scores(qi, kj), allowed, vj)
+    if qid is None:
+      return part, None
+    return tuple(x.at[:, :, qid].set(y) for x, y in zip(state, part)), None
+
+  (m, den, acc), _ = jax.lax.scan(step, state, ids)
+  safe = jnp.where(den > 0, den, 1.0)
+  out = acc / safe[..., None]
+  lse = jnp.where(den > 0, m + jnp.log(safe), NEG)
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(qb, kb, vb, pos, ids, static):
+  return _forward(qb, kb, vb, pos, ids, static)
+
+
+def _attend_fwd(qb, kb, vb, pos, ids, static):
+  out, lse = _forward(qb, kb, vb, pos, ids, static)
+  return (out, lse), (qb, kb, vb, pos, ids, out, lse)
+
+
+def _attend_bwd(static, res, cotangents):
+  qb, kb, vb, pos, ids, out, lse = res
+  qpos, kpos, kval, qseg, kseg = pos
+  d_out, d_lse = cotangents
+  qs = (qb * static.scale).astype(f32)
+  # dS = P * (dP - delta): delta = rowsum(dO * O) from the softmax Jacobian, minus the lse
+  # cotangent because d lse / d s = P.
+  delta = jnp.sum(d_out * out, axis=-1) - d_lse
+
+  def step(carry, xs):
+    dq, dk, dv = carry
+    kid, ok, qid = xs
+    kj, vj = _take(kb, kid), _take(vb, kid)
+    if qid is None:
+      qi, doi, lsei, deli, qpi, qsi = qs, d_out, lse, delta, qpos, qseg
+    else:
+      qi, doi, lsei, deli, qpi, qsi = (_take(x, qid) for x in (qs, d_out, lse, delta, qpos,
+                                                              qseg))
+    allowed = _allowed(static, qpi, _take(kpos, kid), _take(kval, kid), qsi,
+                       _take(kseg, kid), ok)
+    s = _scores(qi, kj)
+    # s <= lse on allowed pairs; the clamp only guards rows padded to whole blocks.
+    p = jnp.where(allowed, jnp.exp(jnp.minimum(s - lsei[..., None], 0.0)), 0.0)
+    dv_j = _to_keys(p, doi)
+    ds = p * (_scores(doi, vj.astype(f32)) - deli[..., None])
+    dq_i = _pv(ds, kj)
+    dk_j = _to_keys(ds, qi)
+    dq = dq + dq_i if qid is None else dq.at[:, :, qid].add(dq_i)
+    return (dq, _add(dk, kid, dk_j), _add(dv, kid, dv_j)), None
+
+  zeros = tuple(jnp.zeros(x.shape, f32) for x in (qb, kb, vb))
+  (dq, dk, dv), _ = jax.lax.scan(step, zeros, ids)
+  dq = dq * static.scale
+  return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype),
+          jax.tree.map(lambda _: None, pos), jax.tree.map(lambda _: None, ids))
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
