@@ -273,7 +273,8 @@ def _pv(p, vj):
 
 def _to_keys(p, x):
   """``p^T x``: ``[b, h, lanes, bq, bk] x [b, h, lanes, bq, e] -> [b, h, lanes, bk, e]``."""
-  return jnp.einsum("bhnqk,bhnqd->bhnkd", p, x)
+  # This operand order is ~1.4x faster on CPU than "bhnqk,bhnqd->bhnkd".
+  return jnp.einsum("bhnqd,bhnqk->bhnkd", x, p)
 
 
 def _take(x, ids):
@@ -309,34 +310,102 @@ def _online_update(state, s, allowed, vj):
 
 
 
+# Lanes per step: enough for large batched matmuls, few enough that one step's scores
+# (about this many bytes) stay in cache. 8 lanes of 12 heads x 128 x 128 (~6 MiB) were 1.4x
+# faster than 32 lanes on a 2-core CPU.
+STEP_BYTES = 8 << 20
+
+
+def _lane_chunks(ids, b, h, bq, bk, nq):
+  """Splits the lanes into ``g`` chunks of ``c`` (padding with empty lanes).
+
+  Returns ``(xs, g, c)``: ``xs = (k_ids, valid, q_ids | None)`` with a leading chunk axis
+  and steps second (``[g, steps, (b', h',) c]``). Padding lanes of packed layouts point at
+  a dummy query block ``nq``; with one lane per query block, lanes ``nq..g*c-1`` are dummy
+  query blocks.
+  """
+  k_ids, valid, q_ids = ids
+  lanes = k_ids.shape[-1]
+  c = int(max(1, min(lanes, STEP_BYTES // (b * h * bq * bk * 4))))
+  g = -(-lanes // c)
+
+  def split(x, fill):
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, g * c - lanes)], constant_values=fill)
+    return jnp.moveaxis(x.reshape(x.shape[:-1] + (g, c)), -2, 0)
+
+  return (split(k_ids, 0), split(valid, False),
+          None if q_ids is None else split(q_ids, nq)), g, c
+
+
+def _pad_blocks(x, n):
+  """Pads the block axis (2) of ``x`` to ``n`` blocks (None stays None)."""
+  if x is None:
+    return None
+  return jnp.pad(x, [(0, 0), (0, 0), (0, n - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
+
+
+def _lanes(x, start, c):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, c, axis=2)
+
+
+def _keys(kb, vb, kpos, kval, kseg, kid):
+  return (_take(kb, kid), _take(vb, kid), _take(kpos, kid), _take(kval, kid),
+          _take(kseg, kid))
+
+
+def _finish(m, den, acc):
+  safe = jnp.where(den > 0, den, 1.0)
+  return acc / safe[..., None], jnp.where(den > 0, m + jnp.log(safe), NEG)
+
+
 def _forward(qb, kb, vb, pos, ids, static):
   qpos, kpos, kval, qseg, kseg = pos
   b, h, nq, bq, _ = qb.shape
+  dv = vb.shape[-1]
+  xs, g, c = _lane_chunks(ids, b, h, bq, kb.shape[3], nq)
   qs = (qb * static.scale).astype(qb.dtype)
-  state = (jnp.full((b, h, nq, bq), NEG, f32), jnp.zeros((b, h, nq, bq), f32),
-           jnp.zeros((b, h, nq, bq, vb.shape[-1]), f32))
 
-  def step(state, xs):
-    kid, ok, qid = xs
-    keys = (_take(kb, kid), _take(vb, kid), _take(kpos, kid), _take(kval, kid),
-            _take(kseg, kid))
-    if qid is None:
-      qi, qpi, qsi, part = qs, qpos, qseg, state
-    else:
-      qi, qpi, qsi = _take(qs, qid), _take(qpos, qid), _take(qseg, qid)
-      part = tuple(_take(x, qid) for x in state)
-    kj, vj, kpj, kvj, ksj = keys
+  def empty(n):
+    return (jnp.full((b, h, n, bq), NEG, f32), jnp.zeros((b, h, n, bq), f32),
+            jnp.zeros((b, h, n, bq, dv), f32))
+
+  def update(state, qi, qpi, qsi, kid, ok):
+    kj, vj, kpj, kvj, ksj = _keys(kb, vb, kpos, kval, kseg, kid)
     allowed = _allowed(static, qpi, kpj, kvj, qsi, ksj, ok)
-    part = _online_update(part, _scores(qi, kj), allowed, vj)
-    if qid is None:
-      return part, None
-    return tuple(x.at[:, :, qid].set(y) for x, y in zip(state, part)), None
+    return _online_update(state, _scores(qi, kj), allowed, vj)
 
-  (m, den, acc), _ = jax.lax.scan(step, state, ids)
-  safe = jnp.where(den > 0, den, 1.0)
-  out = acc / safe[..., None]
-  lse = jnp.where(den > 0, m + jnp.log(safe), NEG)
-  return out, lse
+  if xs[2] is None:  # one lane per query block: each chunk keeps its own state
+    side = tuple(_pad_blocks(x, g * c) for x in (qs, qpos, qseg))
+
+    def chunk(_, x):
+      start, (kid, ok, _) = x
+      qi, qpi, qsi = (_lanes(y, start, c) for y in side)
+
+      def step(state, y):
+        return update(state, qi, qpi, qsi, *y), None
+
+      state, _ = jax.lax.scan(step, empty(c), (kid, ok))
+      return None, _finish(*state)
+
+    _, (out, lse) = jax.lax.scan(chunk, None, (jnp.arange(g) * c, xs))
+    out = jnp.moveaxis(out, 0, 2).reshape(b, h, g * c, bq, dv)[:, :, :nq]
+    return out, jnp.moveaxis(lse, 0, 2).reshape(b, h, g * c, bq)[:, :, :nq]
+
+  # Packed lanes: query blocks move between lanes, so the state is global (+ a dummy block).
+  side = tuple(_pad_blocks(x, nq + 1) for x in (qs, qpos, qseg))
+
+  def packed_step(state, y):
+    kid, ok, qid = y
+    part = update(tuple(_take(x, qid) for x in state), *(_take(x, qid) for x in side),
+                  kid, ok)
+    return tuple(x.at[:, :, qid].set(p) for x, p in zip(state, part)), None
+
+  def packed_chunk(state, x):
+    return jax.lax.scan(packed_step, state, x)[0], None
+
+  state, _ = jax.lax.scan(packed_chunk, empty(nq + 1), xs)
+  out, lse = _finish(*state)
+  return out[:, :, :nq], lse[:, :, :nq]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -353,34 +422,57 @@ def _attend_bwd(static, res, cotangents):
   qb, kb, vb, pos, ids, out, lse = res
   qpos, kpos, kval, qseg, kseg = pos
   d_out, d_lse = cotangents
+  b, h, nq, bq, d = qb.shape
+  xs, g, c = _lane_chunks(ids, b, h, bq, kb.shape[3], nq)
   qs = (qb * static.scale).astype(f32)
   # dS = P * (dP - delta): delta = rowsum(dO * O) from the softmax Jacobian, minus the lse
   # cotangent because d lse / d s = P.
   delta = jnp.sum(d_out * out, axis=-1) - d_lse
 
-  def step(carry, xs):
-    dq, dk, dv = carry
-    kid, ok, qid = xs
-    kj, vj = _take(kb, kid), _take(vb, kid)
-    if qid is None:
-      qi, doi, lsei, deli, qpi, qsi = qs, d_out, lse, delta, qpos, qseg
-    else:
-      qi, doi, lsei, deli, qpi, qsi = (_take(x, qid) for x in (qs, d_out, lse, delta, qpos,
-                                                              qseg))
-    allowed = _allowed(static, qpi, _take(kpos, kid), _take(kval, kid), qsi,
-                       _take(kseg, kid), ok)
+  def grads(qi, doi, lsei, deli, qpi, qsi, kid, ok):
+    kj, vj, kpj, kvj, ksj = _keys(kb, vb, kpos, kval, kseg, kid)
+    allowed = _allowed(static, qpi, kpj, kvj, qsi, ksj, ok)
     s = _scores(qi, kj)
     # s <= lse on allowed pairs; the clamp only guards rows padded to whole blocks.
     p = jnp.where(allowed, jnp.exp(jnp.minimum(s - lsei[..., None], 0.0)), 0.0)
     dv_j = _to_keys(p, doi)
     ds = p * (_scores(doi, vj.astype(f32)) - deli[..., None])
-    dq_i = _pv(ds, kj)
-    dk_j = _to_keys(ds, qi)
-    dq = dq + dq_i if qid is None else dq.at[:, :, qid].add(dq_i)
-    return (dq, _add(dk, kid, dk_j), _add(dv, kid, dv_j)), None
+    return _pv(ds, kj), _to_keys(ds, qi), dv_j
 
-  zeros = tuple(jnp.zeros(x.shape, f32) for x in (qb, kb, vb))
-  (dq, dk, dv), _ = jax.lax.scan(step, zeros, ids)
+  zeros_kv = (jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32))
+  if xs[2] is None:  # one lane per query block: dq of a chunk stays in the chunk
+    side = tuple(_pad_blocks(x, g * c) for x in (qs, d_out, lse, delta, qpos, qseg))
+
+    def chunk(carry, x):
+      start, (kid, ok, _) = x
+      q_side = tuple(_lanes(y, start, c) for y in side)
+
+      def step(carry, y):
+        dq, dk, dv = carry
+        dq_i, dk_j, dv_j = grads(*q_side, *y)
+        return (dq + dq_i, _add(dk, y[0], dk_j), _add(dv, y[0], dv_j)), None
+
+      (dq, dk, dv), _ = jax.lax.scan(step, (jnp.zeros((b, h, c, bq, d), f32), *carry),
+                                     (kid, ok))
+      return (dk, dv), dq
+
+    (dk, dv), dq = jax.lax.scan(chunk, zeros_kv, (jnp.arange(g) * c, xs))
+    dq = jnp.moveaxis(dq, 0, 2).reshape(b, h, g * c, bq, d)[:, :, :nq]
+  else:
+    side = tuple(_pad_blocks(x, nq + 1) for x in (qs, d_out, lse, delta, qpos, qseg))
+
+    def packed_step(carry, y):
+      dq, dk, dv = carry
+      kid, ok, qid = y
+      dq_i, dk_j, dv_j = grads(*(_take(x, qid) for x in side), kid, ok)
+      return (dq.at[:, :, qid].add(dq_i), _add(dk, kid, dk_j), _add(dv, kid, dv_j)), None
+
+    def packed_chunk(carry, x):
+      return jax.lax.scan(packed_step, carry, x)[0], None
+
+    (dq, dk, dv), _ = jax.lax.scan(
+        packed_chunk, (jnp.zeros((b, h, nq + 1, bq, d), f32), *zeros_kv), xs)
+    dq = dq[:, :, :nq]
   dq = dq * static.scale
   return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype),
           jax.tree.map(lambda _: None, pos), jax.tree.map(lambda _: None, ids))

@@ -12,10 +12,12 @@ from effx.attention import kernel
 from effx.attention.core import AllOf, Band, positions
 from effx.attention.registry import register
 
-# Query and key block length of the band. Smaller blocks waste less work outside the band
-# (a query block visits ceil(2 * window / block) + 1 key blocks) but make smaller matmuls;
-# 128 was fastest on CPU for windows of 128..512 (experiments/results/cpu/peers).
-BLOCK = 128
+def band_block(window: int, length: int) -> int:
+  """Block length of a band of one-sided ``window``: about the window (each query block
+  then visits 3 key blocks), 64 to 512. Smaller blocks waste less work outside the band
+  but make smaller matmuls; on a 2-core CPU block = window was fastest for windows of 64,
+  128 and 384 among blocks of 64..512."""
+  return min(length, max(64, min(window, 512)))
 
 
 def local_parts(q, k, v, *, mask, causal, window, rule: Callable | None = None,
@@ -24,13 +26,14 @@ def local_parts(q, k, v, *, mask, causal, window, rule: Callable | None = None,
 
   Query ``i`` sees key ``j`` iff ``|i - j| <= window`` (and ``j <= i`` when causal), the
   key is real, and ``rule(i, j)`` holds. The band runs through the block-sparse kernel:
-  each block of ``BLOCK`` queries visits the key blocks its band touches.
+  each block of ``band_block(window, length)`` queries visits the key blocks its band
+  touches.
 
   ``extra_blocks`` (a boolean ``[num_blocks, num_blocks]``) adds visited block pairs; then
   ``rule`` alone says which pairs are allowed (it must imply the band outside them).
   """
   b, length = q.shape[:2]
-  block = min(length, BLOCK)
+  block = band_block(window, length)
   layout = kernel.Layout.band(length, block, window, 0 if causal else window)
   if extra_blocks is not None:
     layout = kernel.Layout.from_blocks(layout.blocks() | extra_blocks, block, block)

@@ -59,7 +59,7 @@ def longformer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   pos, valid = positions(b, length, mask)
   # Every query: its window and the global keys, in one pass of the kernel: the band's
   # blocks plus the blocks that hold a global key.
-  block = min(length, local.BLOCK)
+  block = local.band_block(window, length)
   n = -(-length // block)
   extra = np.zeros((n, n), bool)
   extra[:, sorted({g // block for g in glob})] = True

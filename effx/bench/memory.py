@@ -19,7 +19,7 @@ import effx.attention as ea
 # routing's window (its default grows with the length) and max_len of the families with
 # length-shaped parameters (the longest length measured by the tests and benchmarks).
 LONG_OPTIONS: dict[str, dict[str, Any]] = {
-    "blockwise": dict(q_chunk=2048, k_chunk=256),
+    "blockwise": dict(q_chunk=512, k_chunk=512),
     "local": dict(window=128),
     "dilated": dict(window=64, dilation=2),
     "sparse": dict(stride=128),

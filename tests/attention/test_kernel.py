@@ -61,15 +61,26 @@ def _check(fn, q, k, v, allowed, atol=2e-5):
     np.testing.assert_allclose(g, w, atol=atol * 5)
 
 
+@pytest.fixture(params=["one_chunk", "chunks_of_3"])
+def lane_chunks(request, monkeypatch):
+  """Every lane in one step, or 3 lanes per step (lanes padded to a multiple of 3)."""
+  if request.param == "chunks_of_3":
+    monkeypatch.setattr(kernel, "STEP_BYTES", 3 * 4 * 3 * 2 * 16 * 16)
+  return request.param
+
+
 @pytest.mark.parametrize("seed,lq,lk,bq,bk,causal", [
     (0, 40, 40, 8, 8, False), (1, 37, 37, 8, 16, True), (2, 24, 50, 8, 8, False),
-    (3, 64, 64, 16, 8, True)])
-def test_static_random_layout(seed, lq, lk, bq, bk, causal):
+    (3, 64, 64, 16, 8, True), (4, 80, 80, 8, 8, True)])
+def test_static_random_layout(seed, lq, lk, bq, bk, causal, lane_chunks):
   q, k, v, valid, rng = _inputs(seed, 3, lq, lk, 2, 8, 6)
   nq, nk = -(-lq // bq), -(-lk // bk)
   blocks = rng.random((nq, nk)) < 0.4
+  if seed == 4:                          # a causal triangle: packed lanes
+    blocks = np.tri(nq, nk, dtype=bool)
   blocks[1] = False                      # a query block that visits nothing
   layout = kernel.Layout.from_blocks(blocks, bq, bk)
+  assert layout.q_ids is not None or seed != 4
   qpos = jnp.broadcast_to(jnp.arange(lq), (3, lq))
   kpos = jnp.broadcast_to(jnp.arange(lk), (3, lk))
   i, j = np.arange(lq)[:, None], np.arange(lk)[None, :]
@@ -100,7 +111,7 @@ def test_band_rule_and_segments():
   _check(fn, q, k, v, jnp.asarray(allowed))
 
 
-def test_dynamic_per_head_table():
+def test_dynamic_per_head_table(lane_chunks):
   b, h, length, block, slots = 2, 3, 44, 8, 3
   q, k, v, valid, rng = _inputs(5, b, length, length, h, 8, 8)
   n = -(-length // block)
