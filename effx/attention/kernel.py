@@ -172,8 +172,10 @@ def _pack(rows, capacity):
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: jax.Array,
            k_pos: jax.Array, k_valid: jax.Array, causal: bool = False,
            rule: Callable | None = None, q_segment: jax.Array | None = None,
-           k_segment: jax.Array | None = None, scale: float | None = None,
-           implementation: str = "xla") -> tuple[jax.Array, jax.Array]:
+           k_segment: jax.Array | None = None, bias: Callable | None = None,
+           q_info: jax.Array | None = None, k_info: jax.Array | None = None,
+           scale: float | None = None, implementation: str = "xla"
+           ) -> tuple[jax.Array, jax.Array]:
   """Exact softmax attention over the allowed pairs of the visited blocks.
 
   Query ``i`` attends key ``j`` iff ``j``'s block is visited by ``i``'s block, the key is
@@ -194,6 +196,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
     rule: optional hashable callable ``(q_pos, k_pos) -> bool`` on broadcast arrays.
     q_segment, k_segment: optional integer ids shaped like the positions; a pair is
       allowed only within one segment (LSH buckets, documents).
+    bias: optional hashable callable ``(q_info, k_info) -> float`` added to the logits
+      of allowed pairs (``q_info[..., :, None, :]``, ``k_info[..., None, :, :]``); no
+      gradient flows into it (LSH's duplicate correction).
+    q_info, k_info: integer ``[batch, (heads,) length, features]`` for ``bias``.
     scale: logit scale, default ``d ** -0.5``.
     implementation: backend; ``"xla"`` (any device).
 
@@ -212,27 +218,33 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
                      f"k_len={lk}")
   if (q_segment is None) != (k_segment is None):
     raise ValueError("kernel: give both q_segment and k_segment, or neither")
+  if (bias is None) != (q_info is None) or (q_info is None) != (k_info is None):
+    raise ValueError("kernel: bias needs q_info and k_info, and they need bias")
   scale = d ** -0.5 if scale is None else float(scale)
 
   def heads_first(x, block, fill=0):  # [b, l, h, e] -> [b, h, n, block, e]
     x = pad_axis(jnp.swapaxes(x, 1, 2), block, axis=2, value=fill)
     return x.reshape(x.shape[0], x.shape[1], -1, block, x.shape[-1])
 
-  def per_position(x, block, fill, dtype):  # [b, l] | [b, h, l] -> [b, 1 | h, n, block]
+  def per_position(x, block, fill, dtype, features=False):
+    # [b, (h,) l, (f)] -> [b, 1 | h, n, block, (f)]
+    if x is None:
+      return None
     x = jnp.asarray(x, dtype)
-    x = x[:, None] if x.ndim == 2 else x
+    x = x[:, None] if x.ndim == 2 + features else x
     x = pad_axis(x, block, axis=2, value=fill)
-    return x.reshape(x.shape[0], x.shape[1], -1, block)
+    return x.reshape(x.shape[:2] + (-1, block) + x.shape[3:])
 
   bq, bk = layout.block_q, layout.block_k
-  pos = (per_position(q_pos, bq, 0, jnp.int32), per_position(k_pos, bk, 0, jnp.int32),
-         per_position(k_valid, bk, False, bool),
-         None if q_segment is None else per_position(q_segment, bq, -1, jnp.int32),
-         None if k_segment is None else per_position(k_segment, bk, -2, jnp.int32))
+  pos = ((per_position(q_pos, bq, 0, jnp.int32), per_position(q_segment, bq, -1, jnp.int32),
+          per_position(q_info, bq, 0, jnp.int32, features=True)),
+         (per_position(k_pos, bk, 0, jnp.int32), per_position(k_valid, bk, False, bool),
+          per_position(k_segment, bk, -2, jnp.int32),
+          per_position(k_info, bk, 0, jnp.int32, features=True)))
   ids = (jnp.asarray(layout.k_ids), jnp.asarray(layout.valid),
          None if layout.q_ids is None else jnp.asarray(layout.q_ids))
   out, lse = _attend(heads_first(q, bq), heads_first(k, bk), heads_first(v, bk), pos, ids,
-                     _Static(bool(causal), rule, scale))
+                     _Static(bool(causal), rule, bias, scale))
   out = out.reshape(b, h, -1, out.shape[-1])[:, :, :lq]
   lse = lse.reshape(b, h, -1)[:, :, :lq]
   return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse, 1, 2)
@@ -245,12 +257,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
 class _Static:
   causal: bool
   rule: Callable | None
+  bias: Callable | None
   scale: float
 
 
-def _allowed(static, qp, kp, kv, qs, ks, ok):
-  """Allow-mask ``[b, 1 | h, lanes, bq, bk]`` of one step from per-block positions
-  ``qp [b, 1 | h, lanes, bq]``, ``kp, kv [b, 1 | h, lanes, bk]`` (and segments)."""
+def _logits(static, qi, kj, qmeta, kmeta, ok):
+  """Scores ``[b, h, lanes, bq, bk]`` of one step (bias added) and the allow-mask
+  ``[b, 1 | h, lanes, bq, bk]``, from the query side's ``(pos, segment, info)`` and the
+  key side's ``(pos, valid, segment, info)`` per block (``[b, 1 | h, lanes, block]``)."""
+  qp, qs, qinfo = qmeta
+  kp, kv, ks, kinfo = kmeta
   allowed = kv[..., None, :] & ok[..., None, None]
   if static.causal:
     allowed = allowed & (kp[..., None, :] <= qp[..., :, None])
@@ -258,7 +274,10 @@ def _allowed(static, qp, kp, kv, qs, ks, ok):
     allowed = allowed & static.rule(qp[..., :, None], kp[..., None, :])
   if qs is not None:
     allowed = allowed & (qs[..., :, None] == ks[..., None, :])
-  return allowed
+  s = _scores(qi, kj)
+  if static.bias is not None:
+    s = s + static.bias(qinfo[..., :, None, :], kinfo[..., None, :, :])
+  return s, allowed
 
 
 def _scores(qi, kj):
@@ -348,9 +367,8 @@ def _lanes(x, start, c):
   return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, c, axis=2)
 
 
-def _keys(kb, vb, kpos, kval, kseg, kid):
-  return (_take(kb, kid), _take(vb, kid), _take(kpos, kid), _take(kval, kid),
-          _take(kseg, kid))
+def _keys(kb, vb, kmeta, kid):
+  return _take(kb, kid), _take(vb, kid), tuple(_take(x, kid) for x in kmeta)
 
 
 def _finish(m, den, acc):
@@ -359,7 +377,7 @@ def _finish(m, den, acc):
 
 
 def _forward(qb, kb, vb, pos, ids, static):
-  qpos, kpos, kval, qseg, kseg = pos
+  qmeta, kmeta = pos
   b, h, nq, bq, _ = qb.shape
   dv = vb.shape[-1]
   xs, g, c = _lane_chunks(ids, b, h, bq, kb.shape[3], nq)
@@ -369,20 +387,20 @@ def _forward(qb, kb, vb, pos, ids, static):
     return (jnp.full((b, h, n, bq), NEG, f32), jnp.zeros((b, h, n, bq), f32),
             jnp.zeros((b, h, n, bq, dv), f32))
 
-  def update(state, qi, qpi, qsi, kid, ok):
-    kj, vj, kpj, kvj, ksj = _keys(kb, vb, kpos, kval, kseg, kid)
-    allowed = _allowed(static, qpi, kpj, kvj, qsi, ksj, ok)
-    return _online_update(state, _scores(qi, kj), allowed, vj)
+  def update(state, qi, qm, kid, ok):
+    kj, vj, km = _keys(kb, vb, kmeta, kid)
+    s, allowed = _logits(static, qi, kj, qm, km, ok)
+    return _online_update(state, s, allowed, vj)
 
   if xs[2] is None:  # one lane per query block: each chunk keeps its own state
-    side = tuple(_pad_blocks(x, g * c) for x in (qs, qpos, qseg))
+    side = jax.tree.map(lambda x: _pad_blocks(x, g * c), (qs, qmeta))
 
     def chunk(_, x):
       start, (kid, ok, _) = x
-      qi, qpi, qsi = (_lanes(y, start, c) for y in side)
+      qi, qm = jax.tree.map(lambda y: _lanes(y, start, c), side)
 
       def step(state, y):
-        return update(state, qi, qpi, qsi, *y), None
+        return update(state, qi, qm, *y), None
 
       state, _ = jax.lax.scan(step, empty(c), (kid, ok))
       return None, _finish(*state)
@@ -392,12 +410,12 @@ def _forward(qb, kb, vb, pos, ids, static):
     return out, jnp.moveaxis(lse, 0, 2).reshape(b, h, g * c, bq)[:, :, :nq]
 
   # Packed lanes: query blocks move between lanes, so the state is global (+ a dummy block).
-  side = tuple(_pad_blocks(x, nq + 1) for x in (qs, qpos, qseg))
+  side = jax.tree.map(lambda x: _pad_blocks(x, nq + 1), (qs, qmeta))
 
   def packed_step(state, y):
     kid, ok, qid = y
-    part = update(tuple(_take(x, qid) for x in state), *(_take(x, qid) for x in side),
-                  kid, ok)
+    part = update(tuple(_take(x, qid) for x in state),
+                  *jax.tree.map(lambda x: _take(x, qid), side), kid, ok)
     return tuple(x.at[:, :, qid].set(p) for x, p in zip(state, part)), None
 
   def packed_chunk(state, x):
@@ -420,7 +438,7 @@ def _attend_fwd(qb, kb, vb, pos, ids, static):
 
 def _attend_bwd(static, res, cotangents):
   qb, kb, vb, pos, ids, out, lse = res
-  qpos, kpos, kval, qseg, kseg = pos
+  qmeta, kmeta = pos
   d_out, d_lse = cotangents
   b, h, nq, bq, d = qb.shape
   xs, g, c = _lane_chunks(ids, b, h, bq, kb.shape[3], nq)
@@ -429,10 +447,9 @@ def _attend_bwd(static, res, cotangents):
   # cotangent because d lse / d s = P.
   delta = jnp.sum(d_out * out, axis=-1) - d_lse
 
-  def grads(qi, doi, lsei, deli, qpi, qsi, kid, ok):
-    kj, vj, kpj, kvj, ksj = _keys(kb, vb, kpos, kval, kseg, kid)
-    allowed = _allowed(static, qpi, kpj, kvj, qsi, ksj, ok)
-    s = _scores(qi, kj)
+  def grads(qi, doi, lsei, deli, qm, kid, ok):
+    kj, vj, km = _keys(kb, vb, kmeta, kid)
+    s, allowed = _logits(static, qi, kj, qm, km, ok)
     # s <= lse on allowed pairs; the clamp only guards rows padded to whole blocks.
     p = jnp.where(allowed, jnp.exp(jnp.minimum(s - lsei[..., None], 0.0)), 0.0)
     dv_j = _to_keys(p, doi)
@@ -441,11 +458,11 @@ def _attend_bwd(static, res, cotangents):
 
   zeros_kv = (jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32))
   if xs[2] is None:  # one lane per query block: dq of a chunk stays in the chunk
-    side = tuple(_pad_blocks(x, g * c) for x in (qs, d_out, lse, delta, qpos, qseg))
+    side = jax.tree.map(lambda x: _pad_blocks(x, g * c), (qs, d_out, lse, delta, qmeta))
 
     def chunk(carry, x):
       start, (kid, ok, _) = x
-      q_side = tuple(_lanes(y, start, c) for y in side)
+      q_side = jax.tree.map(lambda y: _lanes(y, start, c), side)
 
       def step(carry, y):
         dq, dk, dv = carry
@@ -459,12 +476,12 @@ def _attend_bwd(static, res, cotangents):
     (dk, dv), dq = jax.lax.scan(chunk, zeros_kv, (jnp.arange(g) * c, xs))
     dq = jnp.moveaxis(dq, 0, 2).reshape(b, h, g * c, bq, d)[:, :, :nq]
   else:
-    side = tuple(_pad_blocks(x, nq + 1) for x in (qs, d_out, lse, delta, qpos, qseg))
+    side = jax.tree.map(lambda x: _pad_blocks(x, nq + 1), (qs, d_out, lse, delta, qmeta))
 
     def packed_step(carry, y):
       dq, dk, dv = carry
       kid, ok, qid = y
-      dq_i, dk_j, dv_j = grads(*(_take(x, qid) for x in side), kid, ok)
+      dq_i, dk_j, dv_j = grads(*jax.tree.map(lambda x: _take(x, qid), side), kid, ok)
       return (dq.at[:, :, qid].add(dq_i), _add(dk, kid, dk_j), _add(dv, kid, dv_j)), None
 
     def packed_chunk(carry, x):

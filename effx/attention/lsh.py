@@ -8,7 +8,9 @@ buckets the tokens; tokens are sorted by (bucket, position) and cut into chunks 
 A token attends to itself only when it has no other target. Rounds are combined by their
 log-sum-exp, with each logit lowered by ``log N_ij`` (the number of rounds in which ``i``
 sees ``j``, the paper's duplicate correction), so the result is exactly the softmax over
-the union of the rounds' neighbourhoods: the pattern ``lsh_allow_matrix`` returns.
+the union of the rounds' neighbourhoods: the pattern ``lsh_allow_matrix`` returns. The
+rounds' sorted sequences run through the block-sparse kernel (``kernel.attend``, chunks as
+blocks, the duplicate correction as its logit bias), so memory is O(length * bucket).
 
 Causal: the hashes depend on every token's query, so a later token can move an earlier
 one between chunks (change *which* earlier keys it sees); a later token's value never
@@ -17,11 +19,14 @@ reaches an earlier output.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention.core import NEG, grouped_attention, merge, neighbour_blocks, pad_axis
+from effx.attention import kernel
+from effx.attention.core import NEG, NotSelf, merge, pad_axis
 from effx.attention.randomness import family_key
 from effx.attention.registry import register
 
@@ -65,21 +70,55 @@ def _chunk_of(q, valid, rotations, bucket_size, n_buckets):
   """
   lp = q.shape[1]
   columns = rotations.shape[-1]
-  rot = jnp.einsum("blhd,hdrn->bhrln", _unit(q), rotations)
   if n_buckets is None:
     used = num_buckets(jnp.sum(valid, axis=1), bucket_size, None) // 2          # [b]
   else:
     used = jnp.full(q.shape[:1], n_buckets // 2)
-  in_use = (jnp.arange(columns) < used[:, None])[:, None, None, None, :]
-  rot = jnp.where(in_use, rot, -jnp.inf)
-  # Bucket ids: +c for column c, columns + c for its negation; only their order matters.
-  buckets = jnp.argmax(jnp.concatenate([rot, jnp.where(in_use, -rot, -jnp.inf)], axis=-1),
-                       axis=-1)
+  # Bucket ids: c where column c of xR is the largest of [xR; -xR], columns + c where its
+  # negation is: the column of the largest |xR|, by its sign. The columns are scanned in
+  # groups, so memory is O(length * group) although the default bucket count grows with
+  # the length.
+  unit = _unit(q)
+  group = min(columns, 64)
+  n_groups = -(-columns // group)
+  rot_cols = pad_axis(rotations, group, axis=3)              # [h, d, r, n_groups * group]
+  rot_cols = jnp.moveaxis(rot_cols.reshape(rot_cols.shape[:3] + (n_groups, group)), 3, 0)
+
+  def scan_group(best, xs):
+    top, idx = best
+    start, rot_g = xs
+    proj = jnp.einsum("blhd,hdrn->bhrln", unit, rot_g)          # [b, h, r, lp, group]
+    col = start + jnp.arange(group)
+    in_use = col < used[:, None, None, None, None]
+    size = jnp.where(in_use, jnp.abs(proj), -1.0)
+    local = jnp.argmax(size, axis=-1)
+    value = jnp.take_along_axis(size, local[..., None], axis=-1)[..., 0]
+    sign = jnp.take_along_axis(proj, local[..., None], axis=-1)[..., 0]
+    bucket = jnp.where(sign >= 0, start + local, columns + start + local)
+    better = value > top
+    return (jnp.where(better, value, top), jnp.where(better, bucket, idx)), None
+
+  shape = (q.shape[0], rotations.shape[0], rotations.shape[2], lp)
+  init = (jnp.full(shape, -2.0, jnp.float32), jnp.zeros(shape, jnp.int32))
+  (_, buckets), _ = jax.lax.scan(scan_group, init,
+                                 (jnp.arange(n_groups, dtype=jnp.int32) * group, rot_cols))
   # Padding sorts after every real token, whatever its content.
   buckets = jnp.where(valid[:, None, None, :], buckets, columns * 2)
   perm = jnp.argsort(buckets * lp + jnp.arange(lp), axis=-1)
   chunk = jnp.argsort(perm, axis=-1) // bucket_size
   return perm, chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class DuplicateCorrection:
+  """Logit bias ``-log N_ij``: ``N_ij`` is the number of rounds in which query ``i`` sees
+  key ``j`` (key's chunk is the query's or the one before), from each token's chunk in
+  every round (``[..., rounds]`` integer infos)."""
+
+  def __call__(self, q_chunks, k_chunks):
+    diff = q_chunks - k_chunks
+    count = jnp.sum(((diff == 0) | (diff == 1)).astype(jnp.float32), axis=-1)
+    return -jnp.log(jnp.maximum(count, 1.0))
 
 
 def lsh_attention(q: jax.Array, v: jax.Array, *, rotations: jax.Array,
@@ -111,40 +150,27 @@ def lsh_attention(q: jax.Array, v: jax.Array, *, rotations: jax.Array,
   lp = qp.shape[1]
   perm, chunk = _chunk_of(qp, valid, rotations, bucket_size, n_buckets)
 
-  def sort(x):  # [b, lp, h, e] -> [b, h, r, n_chunks, bucket_size, e]
-    x = jnp.swapaxes(x, 1, 2)[:, :, None]
-    x = jnp.take_along_axis(x, perm[..., None], axis=3)
-    return x.reshape(b, h, rounds, -1, bucket_size, x.shape[-1])
+  def sort(x):  # [b, lp, h, e] -> [b * r, lp, h, e], each (example, head, round) sorted
+    x = jnp.take_along_axis(jnp.swapaxes(x, 1, 2)[:, :, None], perm[..., None], axis=3)
+    return jnp.moveaxis(x, 1, 3).reshape(b * rounds, lp, h, x.shape[-1])
 
-  def with_previous(x, fill=0):  # keys of each chunk: the chunk before, then itself
-    return neighbour_blocks(x, 1, 0, fill=fill, axis=3)
+  def per_head(x):  # [b, h, r, lp, ...] -> [b * r, h, lp, ...]
+    return jnp.swapaxes(x, 1, 2).reshape((b * rounds, h) + x.shape[3:])
 
-  sq = sort(qp)                                              # [b, h, r, n, c, d]
-  sk = with_previous(sort(_unit(qp)))                        # [b, h, r, n, 2c, d]
-  sv = with_previous(sort(vp))
-  qpos = perm.reshape(b, h, rounds, -1, bucket_size)         # positions, sorted
-  kpos = with_previous(qpos, fill=-1)
-  kvalid = with_previous(
-      jnp.take_along_axis(valid[:, None, None, :], perm, axis=3)
-      .reshape(qpos.shape), fill=False)
-  allowed = kvalid[..., None, :] & (qpos[..., :, None] != kpos[..., None, :])
-  if causal:
-    allowed = allowed & (kpos[..., None, :] <= qpos[..., :, None])
-  # Duplicate correction: in how many rounds does query i see key j?
+  pos = per_head(perm)                                       # positions, sorted
+  kvalid = per_head(jnp.take_along_axis(valid[:, None, None, :], perm, axis=3))
+  # Each sorted token's chunk in every round, for the duplicate correction.
   chunk_by_pos = jnp.moveaxis(chunk, 2, -1)                 # [b, h, lp, r]
-  qc = jnp.take_along_axis(chunk_by_pos[:, :, None], perm[..., None], axis=3)
-  qc = qc.reshape(*qpos.shape, rounds)                       # [b, h, r, n, c, r']
-  kc = with_previous(qc)                                     # [b, h, r, n, 2c, r']
-  count = jnp.zeros(allowed.shape, jnp.float32)
-  for r in range(rounds):
-    diff = qc[..., :, None, r] - kc[..., None, :, r]
-    count = count + ((diff == 0) | (diff == 1)).astype(jnp.float32)
-  bias = -jnp.log(jnp.maximum(count, 1.0))
-  out, lse = grouped_attention(sq[..., None, :], sk[..., None, :], sv[..., None, :],
-                               allowed[..., None, :, :], bias=bias[..., None, :, :],
-                               scale=d ** -0.5)
-  out = out.reshape(b, h, rounds, lp, dv)
-  lse = lse.reshape(b, h, rounds, lp)
+  info = per_head(jnp.take_along_axis(chunk_by_pos[:, :, None], perm[..., None], axis=3))
+  # Sorted chunks: each sees itself and the chunk before it, through the block-sparse
+  # kernel (blocks of one chunk, the band of one chunk back).
+  layout = kernel.Layout.band(lp, bucket_size, bucket_size, 0)
+  out, lse = kernel.attend(sort(qp), sort(_unit(qp)), sort(vp), layout, q_pos=pos, k_pos=pos,
+                           k_valid=kvalid, causal=causal, rule=NotSelf(),
+                           bias=DuplicateCorrection(), q_info=info, k_info=info,
+                           scale=d ** -0.5)
+  out = jnp.moveaxis(out.reshape(b, rounds, lp, h, dv), 3, 1)  # [b, h, r, lp, dv]
+  lse = jnp.moveaxis(lse.reshape(b, rounds, lp, h), 3, 1)      # [b, h, r, lp]
   unsort = jnp.argsort(perm, axis=-1)
   out = jnp.take_along_axis(out, unsort[..., None], axis=3)
   lse = jnp.take_along_axis(lse, unsort, axis=3)

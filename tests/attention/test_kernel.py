@@ -16,9 +16,9 @@ from effx.attention.core import Band
 NEG = -1e30
 
 
-def _oracle(q, k, v, allowed):
+def _oracle(q, k, v, allowed, bias=0.0):
   """Softmax over ``allowed [b, 1 | h, lq, lk]``; zeros and lse NEG for empty rows."""
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
   s = jnp.where(allowed, s, -jnp.inf)
   top = jnp.max(s, axis=-1, keepdims=True)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -41,9 +41,9 @@ def _inputs(seed, b, lq, lk, h, d, dv):
   return q, k, v, jnp.asarray(valid), rng
 
 
-def _check(fn, q, k, v, allowed, atol=2e-5):
+def _check(fn, q, k, v, allowed, atol=2e-5, bias=0.0):
   out, lse = jax.jit(fn)(q, k, v)
-  ref_out, ref_lse = _oracle(q, k, v, allowed)
+  ref_out, ref_lse = _oracle(q, k, v, allowed, bias)
   assert not np.isnan(np.asarray(out)).any()
   np.testing.assert_allclose(out, ref_out, atol=atol)
   np.testing.assert_allclose(jnp.maximum(lse, -50.0), jnp.maximum(ref_lse, -50.0), atol=atol)
@@ -55,7 +55,7 @@ def _check(fn, q, k, v, allowed, atol=2e-5):
     return inner
 
   got = jax.grad(loss(fn), (0, 1, 2))(q, k, v)
-  want = jax.grad(loss(lambda *a: _oracle(*a, allowed)), (0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda *a: _oracle(*a, allowed, bias)), (0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     assert not np.isnan(np.asarray(g)).any()
     np.testing.assert_allclose(g, w, atol=atol * 5)
@@ -109,6 +109,38 @@ def test_band_rule_and_segments():
                          q_segment=seg, k_segment=seg)
 
   _check(fn, q, k, v, jnp.asarray(allowed))
+
+
+class _Matches:
+  """Bias 0.7 per matching feature (hashable, as the kernel needs)."""
+
+  def __hash__(self):
+    return 7
+
+  def __eq__(self, other):
+    return isinstance(other, _Matches)
+
+  def __call__(self, qi, ki):
+    return 0.7 * jnp.sum((qi == ki).astype(jnp.float32), axis=-1)
+
+
+def test_bias_from_per_position_infos(lane_chunks):
+  """A logit bias computed from integer features of each query and key (per head)."""
+  b, h, length = 3, 2, 40
+  q, k, v, valid, rng = _inputs(8, b, length, length, h, 8, 8)
+  info = rng.integers(0, 3, (b, h, length, 2))
+  layout = kernel.Layout.band(length, 8, 8, 8)
+  pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+  i, j = np.arange(length)[:, None], np.arange(length)[None, :]
+  allowed = ((np.abs(i // 8 - j // 8) <= 1)[None, None]
+             & np.asarray(valid)[:, None, None, :])
+  bias = 0.7 * (info[:, :, :, None, :] == info[:, :, None, :, :]).sum(-1)
+
+  def fn(q, k, v):
+    return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid, bias=_Matches(),
+                         q_info=jnp.asarray(info), k_info=jnp.asarray(info))
+
+  _check(fn, q, k, v, jnp.asarray(allowed), bias=jnp.asarray(bias, jnp.float32))
 
 
 def test_dynamic_per_head_table(lane_chunks):
@@ -206,5 +238,8 @@ def test_bad_input_is_one_clear_message():
   with pytest.raises(ValueError, match="implementation='splash' is not available"):
     kernel.attend(q, q, q, kernel.Layout.band(16, 8, 4, 4), q_pos=pos, k_pos=pos, k_valid=ok,
                   implementation="splash")
+  with pytest.raises(ValueError, match="bias needs q_info and k_info"):
+    kernel.attend(q, q, q, kernel.Layout.band(16, 8, 4, 4), q_pos=pos, k_pos=pos, k_valid=ok,
+                  bias=_Matches())
   with pytest.raises(ValueError, match="blocks must be"):
     kernel.Layout.from_blocks(np.ones(3, bool), 8, 8)
