@@ -2,7 +2,8 @@
 
 A family describes *which key blocks each query block visits* (a ``Layout``) and, inside
 the visited blocks, which (query, key) pairs are allowed (key padding, causality, an
-optional position ``rule``, optional segment ids). The kernel computes the exact softmax
+optional position ``rule``, optional segment ids; optionally a logit bias from per-token
+integers). The kernel computes the exact softmax
 over the allowed pairs with an online softmax over the visited blocks (Rabe & Staats,
 2021; FlashAttention, Dao et al., 2022) and a ``custom_vjp`` backward that recomputes the
 probabilities from the saved log-sum-exp, so forward and backward keep O(length * block)
@@ -20,12 +21,13 @@ Two kinds of layout:
   with a validity flag per slot, e.g. BigBird's random blocks drawn from each example's
   extent): one lane per query block, one step per slot.
 
-Both run as one ``lax.scan`` over the steps (forward and backward), each step a batched
-matmul over the lanes; XLA therefore keeps one step's scores alive at a time.
+Both run as nested ``lax.scan``s (chunks of lanes, then steps; forward and backward), each
+step a batched matmul over ~``STEP_BYTES`` of scores; XLA therefore keeps one step's
+scores alive at a time.
 
 The layout is the seam for accelerator kernels: ``implementation`` selects the backend.
-``"xla"`` (this file) runs everywhere; a Pallas / splash / cuDNN block-sparse kernel takes
-the same layout and element rules.
+Only ``"xla"`` (this file, any device) exists today; a Pallas / splash / cuDNN block-sparse
+kernel would take the same layout and element rules.
 """
 
 from __future__ import annotations
