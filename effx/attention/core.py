@@ -1,10 +1,10 @@
-"""Numerics shared by the sparse families: masked softmax over small key groups, and the
-merge of partial softmaxes by their log-sum-exp.
+"""Numerics shared by the sparse families: position rules for the block-sparse kernel
+(``kernel.attend``), a masked softmax over small key groups (``grouped_attention``, for
+the families not on the kernel: routing, sinkhorn), and the merge of partial softmaxes by
+their log-sum-exp.
 
-Sparse families gather, for each group of queries, the keys that group may see, call
-``grouped_attention`` on the gathered tensors, and scatter the result back. When a query's
-allowed keys are split over several parts (a local window plus global tokens, several
-hash rounds), each part returns ``(out, lse)`` and ``merge`` combines them into the exact
+When a query's allowed keys are split over several parts (a band plus strided keys,
+several hash rounds), each part returns ``(out, lse)`` and ``merge`` combines them into the exact
 softmax over the union.
 """
 
@@ -51,24 +51,15 @@ class OtherBlock:
 
 
 @dataclasses.dataclass(frozen=True)
-class NotIn:
-  """Key position not in ``positions``."""
+class KeyIn:
+  """Key position in ``positions``."""
   positions: tuple[int, ...]
 
   def __call__(self, qp, kp):
     hit = jnp.zeros(jnp.broadcast_shapes(qp.shape, kp.shape), bool)
     for p in self.positions:
       hit = hit | (kp == p)
-    return ~hit
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyIn:
-  """Key position in ``positions``."""
-  positions: tuple[int, ...]
-
-  def __call__(self, qp, kp):
-    return ~NotIn(self.positions)(qp, kp)
+    return hit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,23 +153,6 @@ def pad_axis(x: jax.Array, multiple: int, axis: int, value=0) -> jax.Array:
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, extra)
   return jnp.pad(x, widths, constant_values=value)
-
-
-def neighbour_blocks(x: jax.Array, before: int, after: int, fill=0, axis: int = 1) -> jax.Array:
-  """Each block with its neighbours, along block axis ``axis``.
-
-  For ``x`` of shape ``[..., n, size, ...]`` (blocks on ``axis``, their elements on
-  ``axis + 1``) returns ``[..., n, (before + 1 + after) * size, ...]``: each block preceded
-  by its ``before`` predecessors and followed by its ``after`` successors, ``fill`` beyond
-  the ends.
-  """
-  axis = axis % x.ndim
-  n = x.shape[axis]
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (before, after)
-  padded = jnp.pad(x, widths, constant_values=fill)
-  parts = [jax.lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(before + 1 + after)]
-  return jnp.concatenate(parts, axis=axis + 1)
 
 
 def to_residues(x: jax.Array, d: int) -> jax.Array:
