@@ -8,16 +8,26 @@ trainer, its checkpoints, resume and sharding are the same for every objective.
 * ``Classification``: cross-entropy on class labels (every LRA task).
 * ``Distillation``: the student's loss against a frozen teacher's outputs on the same
   batch (``effx.distill``), plus the labels' cross-entropy; evaluated as classification.
+* ``LanguageModel``: next-token cross-entropy of a causal LM, bits per byte; with segment
+  memory, the memory is carried from step to step in the training state (so checkpoints
+  hold it) and from batch to batch in evaluation (the objective's evaluation ``carry``).
+
+Evaluation runs ``eval_sums(params, model_state, batch, carry) -> (sums, carry)`` over
+a split's batches in order, starting from ``eval_carry(batch_size)`` (None for
+objectives that carry nothing).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from effx.layers.memory import reset_memory
 
 
 def model_inputs(batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
@@ -25,7 +35,7 @@ def model_inputs(batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
 
 
 def forward(model: nn.Module, params, model_state, batch, *, train: bool, rng=None,
-            capture: bool = False):
+            capture: bool = False, **kwargs):
   """``(logits, aux, new_model_state)`` of ``model`` on ``batch``; mutable collections
   (routing centroids) are updated only in training. ``capture=True`` adds
   ``aux["intermediates"]``: what the layers ``sow`` (each SelfAttention's projected
@@ -34,10 +44,11 @@ def forward(model: nn.Module, params, model_state, batch, *, train: bool, rng=No
   rngs = {"dropout": rng} if train else {}
   mutable = (list(model_state) if train else []) + (["intermediates"] if capture else [])
   if not mutable:
-    logits, aux = model.apply(variables, *model_inputs(batch), train=train, rngs=rngs)
+    logits, aux = model.apply(variables, *model_inputs(batch), train=train, rngs=rngs,
+                              **kwargs)
     return logits, aux, model_state
   (logits, aux), updated = model.apply(variables, *model_inputs(batch), train=train,
-                                       rngs=rngs, mutable=mutable)
+                                       rngs=rngs, mutable=mutable, **kwargs)
   updated = dict(updated)
   intermediates = updated.pop("intermediates", {})
   if capture:
@@ -67,17 +78,104 @@ class Classification:
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["targets"])
     return loss, ({"accuracy": accuracy}, new_state)
 
-  def eval_sums(self, params, model_state, batch) -> dict[str, jax.Array]:
-    """Weighted sums over ``batch`` (``weights`` 0 marks padding examples)."""
+  def eval_carry(self, batch_size: int):
+    del batch_size
+    return None
+
+  def eval_sums(self, params, model_state, batch, carry=None):
+    """``(sums, carry)``: weighted sums over ``batch`` (``weights`` 0 marks padding
+    examples); ``carry`` passes through."""
     logits, _, _ = forward(self.model, params, model_state, batch, train=False)
     logits = logits.astype(jnp.float32)
     weights = batch["weights"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
     return {"loss": jnp.sum(loss * weights), "correct": jnp.sum(correct * weights),
-            "count": jnp.sum(weights)}
+            "count": jnp.sum(weights)}, carry
 
   @staticmethod
   def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
     return {"accuracy": totals["correct"] / totals["count"],
             "loss": totals["loss"] / totals["count"], "examples": int(totals["count"])}
+
+
+def token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
+  """Summed next-token cross-entropy (nats), correct argmaxes and scored positions.
+
+  ``logits [batch, length, vocab]``, ``targets [batch, length]`` int (0: no target);
+  ``weights [batch]`` scales each example (0 for evaluation padding)."""
+  scored = (targets != 0).astype(jnp.float32)
+  if weights is not None:
+    scored = scored * weights[:, None]
+  logits = logits.astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return {"loss": jnp.sum(nll * scored), "correct": jnp.sum(correct * scored),
+          "count": jnp.sum(scored)}
+
+
+class LanguageModel:
+  """Next-token cross-entropy over the positions with a target (``targets != 0``);
+  the best checkpoint has the lowest validation bits per byte (``loss / ln 2``: one
+  token is one byte in effx's byte-level tasks; for other vocabularies read it as bits
+  per token), or the highest accuracy.
+
+  With ``initial_memory`` (a function ``batch -> empty memory``; the model has segment
+  memory), training reads the memory from ``model_state["memory"]``, empties the rows
+  whose example has ``reset`` set, and stores the memory after the batch back there;
+  the Compressive Transformer's reconstruction loss is added to the training loss.
+  Evaluation carries its own memory through a split's batches, from empty.
+  """
+
+  def __init__(self, model: nn.Module,
+               initial_memory: Callable[[int], dict[str, jax.Array]] | None = None, *,
+               best_metric: str = "bpb"):
+    """``best_metric``: ``"bpb"`` (lowest wins) or ``"accuracy"`` (of the next-token
+    argmax over scored positions, highest wins: recall tasks)."""
+    if best_metric not in ("bpb", "accuracy"):
+      raise ValueError(f"best_metric={best_metric!r} is not 'bpb' or 'accuracy'")
+    self.model, self.initial_memory = model, initial_memory
+    self.best_metric = best_metric
+    self.higher_is_better = best_metric == "accuracy"
+    self.progress = ("loss", best_metric)
+
+  def _run(self, params, model_state, batch, memory, *, train, rng=None):
+    if self.initial_memory is None:
+      logits, aux, new_state = forward(self.model, params, model_state, batch, train=train,
+                                       rng=rng)
+      return logits, aux, new_state, None
+    memory = reset_memory(memory, batch["reset"])
+    logits, aux, new_state = forward(self.model, params, model_state, batch, train=train,
+                                     rng=rng, memory=memory)
+    return logits, aux, new_state, aux["memory"]
+
+  def loss(self, params, model_state, batch, rng, extra: Any = None):
+    """``(loss, (metrics, new_model_state))``: mean cross-entropy over the batch's scored
+    positions (plus the compression loss)."""
+    del extra
+    inner = {k: v for k, v in model_state.items() if k != "memory"}
+    logits, aux, inner, memory = self._run(params, inner, batch, model_state.get("memory"),
+                                           train=True, rng=rng)
+    sums = token_sums(logits, batch["targets"])
+    count = jnp.maximum(sums["count"], 1.0)
+    ce = sums["loss"] / count
+    loss = ce + aux.get("compression_loss", 0.0)
+    new_state = inner if memory is None else {**inner, "memory": memory}
+    return loss, ({"bpb": ce / math.log(2), "accuracy": sums["correct"] / count}, new_state)
+
+  def eval_carry(self, batch_size: int):
+    return None if self.initial_memory is None else self.initial_memory(batch_size)
+
+  def eval_sums(self, params, model_state, batch, carry=None):
+    inner = {k: v for k, v in model_state.items() if k != "memory"}
+    logits, _, _, carry = self._run(params, inner, batch, carry, train=False)
+    return token_sums(logits, batch["targets"], batch.get("weights")), carry
+
+  @staticmethod
+  def eval_metrics(totals: dict[str, float]) -> dict[str, float]:
+    count = max(totals["count"], 1.0)
+    loss = totals["loss"] / count
+    return {"bpb": loss / math.log(2), "perplexity": math.exp(min(loss, 700.0)),
+            "accuracy": totals["correct"] / count, "loss": loss,
+            "examples": int(totals["count"])}

@@ -36,6 +36,8 @@ from effx import defaults, distill, metrics, models, objectives, optim, prune, s
 from effx import files, quant, validate
 from effx import workdir as workdir_lib
 from effx.data import pipeline
+from effx.layers import memory as layer_memory
+from effx.models.config import DTYPES
 
 def _check_workdir(workdir: str) -> str:
   """The absolute workdir; a path that is a file, or that cannot be created, raises
@@ -126,10 +128,15 @@ class Run:
     dummy = jnp.zeros((data_size, self.task.max_len), jnp.int32)
     dummies = (dummy, dummy) if self.task.dual else (dummy,)
 
+    self.carries_memory = self.model_config.kind == "causal_lm" and bool(
+        self.model_config.mem_len or self.model_config.compressed_len)
+
     def init(rng):
       variables = self.model.init({"params": rng, "dropout": rng}, *dummies, train=False)
       params = variables["params"]
       model_state = {k: v for k, v in variables.items() if k != "params"}
+      if self.carries_memory:  # carried across steps in the state, so checkpoints hold it
+        model_state["memory"] = self._boxed_memory(config.batch_size)
       # An integer export is evaluated only: no optimizer state over its integers.
       opt_state = () if config.quant.mode == "int" else self.tx.init(params)
       return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -142,7 +149,15 @@ class Run:
                                               self.state_shardings)
       self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.objective = objectives.Classification(self.model)
+    self.eval_carry_sharding = None
+    if self.task.kind == "lm":
+      self.objective = objectives.LanguageModel(
+          self.model, self._empty_memory if self.carries_memory else None,
+          best_metric="accuracy" if config.data.task == "mqar" else "bpb")
+      if self.carries_memory:
+        self.eval_carry_sharding = self.state_shardings.model_state["memory"]
+    else:
+      self.objective = objectives.Classification(self.model)
     self.extra = None  # what the objective needs besides the state (a teacher)
     objective, self.teacher = None, None
     if not evaluation_only:
@@ -153,7 +168,17 @@ class Run:
       self.extra = jax.device_put(self.teacher.variables, sharding.replicated(self.mesh))
     self._train_step = None
     self._eval_step = jax.jit(functools.partial(steps.eval_step, objective=self.objective),
-                              out_shardings=sharding.replicated(self.mesh))
+                              out_shardings=(sharding.replicated(self.mesh),
+                                             self.eval_carry_sharding))
+
+  def _empty_memory(self, batch: int):
+    cfg = self.model_config
+    return layer_memory.empty_memory(batch, cfg.num_layers, cfg.emb_dim, cfg.mem_len,
+                                     cfg.compressed_len, DTYPES[cfg.dtype])
+
+  def _boxed_memory(self, batch: int):
+    return {name: nn.LogicallyPartitioned(value, layer_memory.memory_axes(name))
+            for name, value in self._empty_memory(batch).items()}
 
   def context(self):
     """Mesh and logical-axis rules, for tracing and running the steps."""
@@ -186,10 +211,14 @@ class Run:
     ``limit`` examples of ``split`` (None: all of it)."""
     totals = {}
     with self.context():
+      carry = self.objective.eval_carry(self.config.batch_size)
+      if carry is not None:
+        carry = jax.device_put(carry, self.eval_carry_sharding)
       for batch in pipeline.eval_batches(self.task.splits[split], self.config.batch_size,
                                          max_examples=limit):
-        sums = jax.device_get(self._eval_step(params, model_state,
-                                              sharding.global_batch(batch, self.mesh)))
+        sums, carry = self._eval_step(params, model_state,
+                                      sharding.global_batch(batch, self.mesh), carry)
+        sums = jax.device_get(sums)
         for k, v in sums.items():
           totals[k] = totals.get(k, 0.0) + float(v)
     return self.objective.eval_metrics(totals)

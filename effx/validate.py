@@ -57,10 +57,13 @@ def config(c: ml_collections.ConfigDict, device_count: int | None = None) -> Non
   data_lib.check_config(c.data)
   distill(c.distill)
   prune(c.prune, c.num_train_steps)
-  expected_kind = "dual_encoder" if c.data.task == "retrieval" else "classifier"
+  expected_kind = ("dual_encoder" if c.data.task == "retrieval" else "causal_lm"
+                   if c.data.task in data_lib.LM_TASKS else "classifier")
   if c.model.get("kind", expected_kind) != expected_kind:
     raise ValueError(f"model.kind={c.model.kind!r} does not fit data.task="
                      f"{c.data.task!r}, which needs model.kind={expected_kind!r}")
+  if expected_kind == "causal_lm":
+    language_model(c)
   quant(c.quant)
   quant_lib.check_model(c.quant, model(c))
   mesh = sharding.mesh_shape(c.mesh, device_count or jax.device_count())
@@ -75,6 +78,19 @@ def config(c: ml_collections.ConfigDict, device_count: int | None = None) -> Non
                      f"the mesh's data axis ({mesh[0]})")
 
 
+def language_model(c: ml_collections.ConfigDict) -> None:
+  """What a causal LM's training does not support yet, named."""
+  memory = c.model.get("mem_len", 0) or c.model.get("compressed_len", 0)
+  if memory and c.grad_accum_steps > 1:
+    raise ValueError(f"config.grad_accum_steps={c.grad_accum_steps} with segment memory "
+                     "(model.mem_len > 0): each row's memory follows its stream from step "
+                     "to step, which micro-batches would split; use grad_accum_steps=1")
+  if c.distill.get("teacher_workdir"):
+    raise ValueError(f"distill.teacher_workdir={c.distill.teacher_workdir!r}: distillation "
+                     f"of a language model (data.task={c.data.task!r}) is not supported; "
+                     "unset it")
+
+
 # Model keys the task decides; a config may repeat them only with the task's value.
 TASK_MODEL_KEYS = ("vocab_size", "num_classes", "max_len")
 
@@ -87,6 +103,8 @@ def model(c: ml_collections.ConfigDict, task: data_lib.TaskData | None = None
   values = c.model.to_dict()
   if task is not None:
     for key in TASK_MODEL_KEYS:
+      if key == "num_classes" and task.kind == "lm":
+        continue  # a language model predicts its vocabulary
       value = getattr(task, key)
       if key in values and values[key] != value:
         raise ValueError(f"model.{key}={values[key]} contradicts data.task="

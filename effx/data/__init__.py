@@ -11,6 +11,11 @@
 | ``retrieval`` | LRA release AAN TSV files in ``data.dir`` | bytes, document pairs |
 | ``image`` | tfds ``cifar10`` | 1024 grayscale pixels, 10 classes |
 | ``pathfinder`` | LRA release PNGs in ``data.dir``, else generated | 32 or 128 px |
+| ``lm`` | built-in text (``pydoc_data``), or enwik8 / text8 in ``data.dir`` | bytes, LM |
+| ``mqar`` | generated: multi-query associative recall (Arora et al., 2023) | LM |
+
+Language-modelling tasks (``TaskData.kind == "lm"``) give per-token targets instead of a
+label (``effx.data.base``) and are trained by a causal LM.
 """
 
 from __future__ import annotations
@@ -18,20 +23,24 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from effx import cli
-from effx.data import image, listops, pathfinder, retrieval, text
+from effx.data import image, listops, lm, mqar, pathfinder, retrieval, text
 from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData
 
 # Keys every task accepts: task name, dataset folder (None: built-in default).
 COMMON = dict(task=None, dir=None)
 _MODULES = {"listops": listops, "text": text, "retrieval": retrieval, "image": image,
-            "pathfinder": pathfinder}
+            "pathfinder": pathfinder, "lm": lm,
+            "mqar": mqar}
 TASKS = {
     "listops": (listops.DEFAULTS, listops.load_task),
     "text": (text.DEFAULTS, text.load),
     "retrieval": (retrieval.DEFAULTS, retrieval.load),
     "image": (image.DEFAULTS, image.load),
     "pathfinder": (pathfinder.DEFAULTS, pathfinder.load),
+    "lm": (lm.DEFAULTS, lm.load),
+    "mqar": (mqar.DEFAULTS, mqar.load),
 }
+LM_TASKS = ("lm", "mqar")  # trained by model.kind="causal_lm"
 
 
 def defaults(task: str) -> dict[str, Any]:
@@ -73,6 +82,10 @@ def describe(data, seed: int) -> TaskData:
     return TaskData({}, BYTE_VOCAB, 2, values["resolution"] ** 2)
   if task == "image":
     return TaskData({}, BYTE_VOCAB, 10, 1024)
+  if task == "lm":
+    return lm.describe(values)
+  if task == "mqar":
+    return TaskData({}, values["vocab_size"], 0, values["length"], kind="lm")
   return TaskData({}, BYTE_VOCAB, 2, values["max_len"], dual=task == "retrieval")
 
 
@@ -83,4 +96,4 @@ def load(data, seed: int) -> TaskData:
 
 
 __all__ = ["load", "describe", "defaults", "check_config", "TaskData", "DatasetMissingError",
-           "TASKS"]
+           "TASKS", "LM_TASKS"]

@@ -1,8 +1,11 @@
 """What every task module returns, and the helpers they share.
 
 A task gives random-access sources (``len(source)``, ``source[i]``) of examples that
-already have the batch contract's fixed shapes: ``inputs`` int32 ``[max_len]`` (padding
-id 0), ``targets`` int32 ``[]``, and ``inputs2`` for Retrieval.
+already have the batch contract's fixed shapes. Classification tasks: ``inputs`` int32
+``[max_len]`` (padding id 0), ``targets`` int32 ``[]``, and ``inputs2`` for Retrieval.
+Language-modelling tasks (``kind="lm"``): ``inputs`` and ``targets`` int32 ``[max_len]``
+(``targets[i]`` is the token after ``inputs[i]``; 0 = no target there) and ``reset`` bool
+``[]`` (the example starts a new document: segment memory is emptied before it).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class TaskData:
   num_classes: int
   max_len: int
   dual: bool = False  # examples carry ``inputs2`` (Retrieval)
+  kind: str = "classification"  # or "lm": per-token targets and ``reset`` (module doc)
+  # Training reads the examples in order, unshuffled: example ``step * batch_size + row``
+  # is the next segment of row ``row``'s stream (segment memory carries across steps).
+  ordered: bool = False
 
 
 def pad(tokens: Sequence[int] | np.ndarray, length: int) -> np.ndarray:

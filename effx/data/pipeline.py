@@ -7,6 +7,10 @@ is the same global batch whatever ``P`` is. The iterator's state (``{"next_index
 is saved with every checkpoint, so a resumed run sees exactly the batches it would have.
 
 Evaluation: the split in order, padded to whole global batches with ``weights`` 0.
+
+Language-modelling corpora (a source with ``streams(rows)``, ``effx.data.lm``) are read
+as ``batch_size`` contiguous streams, in order and unshuffled, in training and in
+evaluation: row ``r`` of every batch continues row ``r`` of the batch before.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def train_dataset(source: Source, batch_size: int, seed: int, *, process_index: 
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   local = _local_size(batch_size, process_count)
+  if hasattr(source, "streams"):
+    # Not shuffled: global record step * batch_size + row is the next segment of row
+    # ``row``; host p's local rows are p, p + P, ... of every global batch.
+    ds = grain.MapDataset.source(source.streams(batch_size)).repeat(None)
+    return ds[process_index::process_count].batch(local, drop_remainder=True)
   if len(source) < batch_size:
     raise ValueError(f"the training split has {len(source)} examples, fewer than "
                      f"batch_size={batch_size}")
@@ -74,6 +83,10 @@ def eval_batches(source: Source, batch_size: int, *, max_examples: int | None = 
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   local = _local_size(batch_size, process_count)
+  if hasattr(source, "streams"):
+    source = source.streams(batch_size)
+    if max_examples is not None:  # whole steps of every stream
+      max_examples = -(-max_examples // batch_size) * batch_size
   n = len(source) if max_examples is None else min(len(source), max_examples)
   if n == 0:
     raise ValueError("cannot evaluate on an empty split")

@@ -35,16 +35,37 @@ def empty_memory(batch: int, num_layers: int, width: int, mem_len: int,
 
   Keys: ``hidden [layers, batch, mem_len, width]`` with ``valid``/``positions``
   ``[batch, mem_len]``; ``compressed [layers, batch, compressed_len, width]`` with
-  ``compressed_valid``/``compressed_positions``; ``next_position [batch]``.
+  ``compressed_valid``/``compressed_positions`` (only with ``compressed_len > 0``: an
+  empty array cannot be checkpointed); ``next_position [batch]``.
   """
   def slots(n):
     return (jnp.zeros((num_layers, batch, n, width), dtype), jnp.zeros((batch, n), bool),
             jnp.zeros((batch, n), jnp.int32))
   hidden, valid, positions = slots(mem_len)
-  compressed, c_valid, c_positions = slots(compressed_len)
-  return {"hidden": hidden, "valid": valid, "positions": positions, "compressed": compressed,
-          "compressed_valid": c_valid, "compressed_positions": c_positions,
-          "next_position": jnp.zeros((batch,), jnp.int32)}
+  memory = {"hidden": hidden, "valid": valid, "positions": positions,
+            "next_position": jnp.zeros((batch,), jnp.int32)}
+  if compressed_len:
+    compressed, c_valid, c_positions = slots(compressed_len)
+    memory.update(compressed=compressed, compressed_valid=c_valid,
+                  compressed_positions=c_positions)
+  return memory
+
+
+def reset_memory(memory: dict[str, jax.Array], reset: jax.Array) -> dict[str, jax.Array]:
+  """``memory`` with the rows where ``reset [batch]`` is True emptied (as
+  ``empty_memory``'s: every slot invalid, next position 0); a new document starts there."""
+  def clear(name, x):
+    axis = 1 if name in ("hidden", "compressed") else 0  # [layers, batch, ...]
+    r = reset.reshape((1,) * axis + (-1,) + (1,) * (x.ndim - axis - 1))
+    return jnp.where(r, jnp.zeros((), x.dtype), x)
+  return {name: clear(name, x) for name, x in memory.items()}
+
+
+def memory_axes(name: str) -> tuple[str | None, ...]:
+  """Logical axes of memory entry ``name`` (for sharding its batch over ``data``)."""
+  if name in ("hidden", "compressed"):
+    return (axes.LAYERS, axes.BATCH, axes.LENGTH, axes.EMBED)
+  return (axes.BATCH,) if name == "next_position" else (axes.BATCH, axes.LENGTH)
 
 
 def _pool(x, rate, how):
@@ -65,8 +86,10 @@ def _content_attention(q, m, m_valid):
 class MemoryBlock(nn.Module):
   """One causal block with segment memory (the body of ``MemoryStack``'s scan).
 
-  ``__call__(x, (mem, cmem), mask, positions, mem_valid, mem_positions, c_valid,
-  c_positions)`` returns ``(y, (new_mem, new_cmem, y, attention_output, aux_loss))``.
+  ``__call__(x, (mem, cmem, cache), mask, positions, mem_valid, mem_positions, c_valid,
+  c_positions)`` returns ``(y, (new_mem, new_cmem, y, attention_output, aux_loss,
+  new_cache))``; ``cache`` is None, or this layer's decoding state (then ``x`` is one
+  token and the memory is empty).
   """
 
   config: BlockConfig
@@ -78,14 +101,18 @@ class MemoryBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, xs, mask, positions, mem_valid, mem_positions, c_valid, c_positions):
-    mem, cmem = xs
+    mem, cmem, cache = xs
     cfg = self.config
     seg = x.shape[1]
-    context = jnp.concatenate([cmem, mem, x], axis=1).astype(x.dtype)
-    full_mask = jnp.concatenate([c_valid, mem_valid, mask], axis=1)
-    full_pos = jnp.concatenate([c_positions, mem_positions, positions], axis=1)
-    attn = AttentionSublayer(cfg, x.shape[-1], name="attention_block")(
-        context, full_mask, self.deterministic, full_pos)[:, -seg:]
+    if cache is not None:
+      attn, cache = AttentionSublayer(cfg, x.shape[-1], name="attention_block")(
+          x, mask, self.deterministic, positions, cache=cache)
+    else:
+      context = jnp.concatenate([cmem, mem, x], axis=1).astype(x.dtype)
+      full_mask = jnp.concatenate([c_valid, mem_valid, mask], axis=1)
+      full_pos = jnp.concatenate([c_positions, mem_positions, positions], axis=1)
+      attn = AttentionSublayer(cfg, x.shape[-1], name="attention_block")(
+          context, full_mask, self.deterministic, full_pos)[:, -seg:]
     y = x + attn
     y = y + FeedForwardSublayer(cfg, x.shape[-1], name="mlp_block")(y, self.deterministic)
     # Memory update: append this layer's inputs, keep the newest mem_len.
@@ -103,7 +130,7 @@ class MemoryBlock(nn.Module):
       target = _content_attention(q, evicted, ev_valid)
       got = _content_attention(q, squeezed, _pool(ev_valid, self.compression_rate, "any"))
       aux_loss = jnp.mean(jnp.square(target - got))
-    return y, (new_mem, new_cmem, y, attn, aux_loss)
+    return y, (new_mem, new_cmem, y, attn, aux_loss, cache)
 
   def _compress(self, states):
     if self.compression == "conv":
@@ -119,8 +146,10 @@ class MemoryBlock(nn.Module):
 class MemoryStack(nn.Module):
   """``num_layers`` causal blocks with segment memory, scanned over layers.
 
-  ``__call__(x, mask, positions, memory, deterministic)`` returns
-  ``(y, new_memory, aux)`` with ``aux = {"hidden", "attention", "compression_loss"}``.
+  ``__call__(x, mask, positions, memory, deterministic, cache=None)`` returns
+  ``(y, new_memory, aux)`` with ``aux = {"hidden", "attention", "compression_loss"}``,
+  and ``aux["cache"]`` when decoding with ``cache`` (per-layer states stacked on a leading
+  layer axis; ``x`` one token).
   """
 
   config: BlockConfig
@@ -136,7 +165,8 @@ class MemoryStack(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x, mask, positions, memory: dict[str, Any], deterministic: bool):
+  def __call__(self, x, mask, positions, memory: dict[str, Any], deterministic: bool,
+               cache: dict[str, Any] | None = None):
     cfg = self.config
     seg = x.shape[1]
     if self.compressed_len and seg % self.compression_rate:
@@ -152,14 +182,23 @@ class MemoryStack(nn.Module):
         metadata_params={nn.PARTITION_NAME: axes.LAYERS})
     layers = scanned(cfg, self.mem_len, self.compressed_len, self.compression_rate,
                      self.compression, deterministic, name="layers")
-    y, (new_hidden, new_comp, hidden, attention, losses) = layers(
-        x, (memory["hidden"], memory["compressed"]), mask, positions, memory["valid"],
-        memory["positions"], memory["compressed_valid"], memory["compressed_positions"])
+    hidden = memory["hidden"]
+    if self.compressed_len:
+      cmem, c_valid, c_pos = (memory["compressed"], memory["compressed_valid"],
+                              memory["compressed_positions"])
+    else:
+      cmem = jnp.zeros((*hidden.shape[:2], 0, hidden.shape[-1]), hidden.dtype)
+      c_valid, c_pos = jnp.zeros((x.shape[0], 0), bool), jnp.zeros((x.shape[0], 0), jnp.int32)
+    y, (new_hidden, new_comp, hidden, attention, losses, cache) = layers(
+        x, (hidden, cmem, cache), mask, positions, memory["valid"], memory["positions"],
+        c_valid, c_pos)
     new_memory = _advance(memory, mask, positions, seg, self.mem_len, self.compressed_len,
                           self.compression_rate, new_hidden, new_comp)
     y = layer_norm(cfg, "final_norm")(y)
-    return y, new_memory, {"hidden": hidden, "attention": attention,
-                           "compression_loss": jnp.sum(losses)}
+    aux = {"hidden": hidden, "attention": attention, "compression_loss": jnp.sum(losses)}
+    if cache is not None:
+      aux["cache"] = cache
+    return y, new_memory, aux
 
 
 def _advance(memory, mask, positions, seg, mem_len, compressed_len, rate, hidden, compressed):
