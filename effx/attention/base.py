@@ -37,6 +37,9 @@ class Family(nn.Module):
   # Options whose default (None) is derived from the input or from other options, and
   # how (shown by ``effx.attention.options(name)``).
   derived_defaults: ClassVar[dict[str, str]] = {}
+  # Whether ``decode_init`` / ``decode_step`` run the causal family one token at a time
+  # (``effx.attention.decoding``); the others are decoded by recomputing over the prefix.
+  decodable: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.causal and not self.supports_causal:
@@ -49,6 +52,20 @@ class Family(nn.Module):
 
   def check_options(self) -> None:
     """Raises ``ValueError`` naming the first invalid option. Default: nothing to check."""
+
+  def decode_init(self, batch: int, heads: int, head_dim: int, head_dim_v: int,
+                  capacity: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """The decoding state before the first token of sequences of up to ``capacity``
+    tokens (``effx.attention.decoding``)."""
+    raise NotImplementedError(f"attention family {self.family_name!r} has no incremental "
+                              "decoding")
+
+  def decode_step(self, q: jax.Array, k: jax.Array, v: jax.Array, state: dict,
+                  position: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict]:
+    """One token: ``q, k, v [batch, heads, dim]``, ``position, valid [batch]`` ->
+    ``(out [batch, heads, dim_v], state)``, equal to the causal forward's output there."""
+    raise NotImplementedError(f"attention family {self.family_name!r} has no incremental "
+                              "decoding")
 
 
 def check_positive(family: str, option: str, value: Any, *, allow_none: bool = False) -> None:

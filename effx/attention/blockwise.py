@@ -5,8 +5,9 @@ when causal)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from effx.attention import kernel
+from effx.attention import decoding, kernel
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import positions
 from effx.attention.dense import full_pattern
@@ -53,6 +54,7 @@ class BlockwiseAttention(Family):
   """
 
   pattern_kind = "static"
+  decodable = True
 
   q_chunk: int = 512
   k_chunk: int = 512
@@ -65,6 +67,14 @@ class BlockwiseAttention(Family):
     del deterministic
     return blockwise_attention(q, k, v, mask=mask, causal=self.causal,
                                q_chunk=self.q_chunk, k_chunk=self.k_chunk)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """A key cache of ``capacity`` slots (every earlier token)."""
+    return decoding.cache_init(batch, capacity, heads, head_dim, head_dim_v, dtype)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    return decoding.cache_step(q, k, v, state, position, valid,
+                               lambda distance: jnp.ones_like(distance, bool)[:, None])
 
   def allow_matrix(self, length: int, num_heads: int = 1):
     """``[num_heads, length, length]``: all ones, lower-triangular if causal."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effx.attention import decoding
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import extents
 from effx.attention.linear import feature_attention
@@ -91,6 +92,8 @@ class CosformerAttention(Family):
 
   derived_defaults = {"max_len": "each example's extent (last real position + 1)"}
 
+  decodable = True
+
   max_len: int | None = None
   chunk_size: int = 128
 
@@ -102,3 +105,24 @@ class CosformerAttention(Family):
     del deterministic
     return cosformer_attention(q, k, v, mask=mask, causal=self.causal, max_len=self.max_len,
                                chunk_size=self.chunk_size)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """Running sums over ``2 * head_dim`` features; needs ``max_len >= capacity``."""
+    del dtype
+    if self.max_len is None:
+      raise ValueError("cosformer decodes token by token only with option max_len set: "
+                       "its default horizon M is the final sequence's extent, unknown while "
+                       "generating; train and decode with attention_kwargs={'max_len': N}")
+    if capacity > self.max_len:
+      raise ValueError(f"cosformer: decoding {capacity} tokens exceeds max_len="
+                       f"{self.max_len} (the re-weighting needs max_len >= length)")
+    return decoding.sums_init(batch, heads, 2 * head_dim, head_dim_v)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    angle = ((jnp.pi / 2) * position.astype(f32) / self.max_len)[:, None, None]
+
+    def features(x):
+      r = jax.nn.relu(x.astype(f32))
+      return jnp.concatenate([r * jnp.cos(angle), r * jnp.sin(angle)], axis=-1)
+    out, state = decoding.sums_step(features(q), features(k), v, state, valid)
+    return out.astype(q.dtype), state

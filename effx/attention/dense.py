@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effx.attention import decoding
 from effx.attention.base import Family, check_choice, check_qkv, zero_padded_queries
 from effx.attention.core import NEG
 from effx.attention.registry import register
@@ -71,6 +72,7 @@ class DenseAttention(Family):
   """
 
   pattern_kind = "static"
+  decodable = True
 
   implementation: str = "auto"
 
@@ -81,6 +83,14 @@ class DenseAttention(Family):
     del deterministic  # no randomness
     return dense_attention(q, k, v, mask=mask, causal=self.causal,
                            implementation=self.implementation)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """A key cache of ``capacity`` slots (every earlier token)."""
+    return decoding.cache_init(batch, capacity, heads, head_dim, head_dim_v, dtype)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    return decoding.cache_step(q, k, v, state, position, valid,
+                               lambda distance: jnp.ones_like(distance, bool)[:, None])
 
   def allow_matrix(self, length: int, num_heads: int = 1):
     """``[num_heads, length, length]`` allow-matrix: all ones, lower-triangular if causal."""

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effx.attention import decoding
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import from_residues, to_residues
 from effx.attention.local import band_pattern, local_parts
@@ -89,6 +90,7 @@ class DilatedAttention(Family):
   """
 
   pattern_kind = "static"
+  decodable = True
 
   window: int = 64
   dilation: int | tuple[int, ...] = 2
@@ -101,6 +103,20 @@ class DilatedAttention(Family):
     del deterministic
     return dilated_attention(q, k, v, mask=mask, causal=self.causal, window=self.window,
                              dilation=self.dilation)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """A ring buffer of the last ``window * max(dilation) + 1`` tokens."""
+    reach = self.window * max(_per_head(self.dilation, heads))
+    return decoding.cache_init(batch, min(reach + 1, capacity), heads, head_dim,
+                               head_dim_v, dtype)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    d = jnp.asarray(_per_head(self.dilation, q.shape[1]))[None, :, None]    # [1, h, 1]
+
+    def allow(distance):
+      distance = distance[:, None, :]
+      return (distance <= self.window * d) & (distance % d == 0)
+    return decoding.cache_step(q, k, v, state, position, valid, allow)
 
   def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
     """``[num_heads, length, length]`` allow-matrix (one per head's dilation)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effx.attention import decoding
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import NEG, pad_axis
 from effx.attention.registry import register
@@ -154,6 +155,8 @@ class LinearAttention(Family):
     chunk_size: chunk length of the causal prefix sums (default 128).
   """
 
+  decodable = True
+
   chunk_size: int = 128
 
   def check_options(self):
@@ -162,3 +165,13 @@ class LinearAttention(Family):
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
     return linear_attention(q, k, v, mask=mask, causal=self.causal, chunk_size=self.chunk_size)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """Running sums over ``head_dim`` features: the same size at any context length."""
+    del capacity, dtype
+    return decoding.sums_init(batch, heads, head_dim, head_dim_v)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    del position
+    out, state = decoding.sums_step(elu_features(q), elu_features(k), v, state, valid)
+    return out.astype(q.dtype), state

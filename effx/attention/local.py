@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention import kernel
+from effx.attention import decoding, kernel
 from effx.attention.core import AllOf, Band, positions
 from effx.attention.registry import register
 
@@ -83,6 +84,7 @@ class LocalAttention(Family):
   """
 
   pattern_kind = "static"
+  decodable = True
 
   window: int = 128
 
@@ -92,6 +94,15 @@ class LocalAttention(Family):
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
     return local_attention(q, k, v, mask=mask, causal=self.causal, window=self.window)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """A ring buffer of the last ``window + 1`` tokens, whatever the context length."""
+    return decoding.cache_init(batch, min(self.window + 1, capacity), heads, head_dim,
+                               head_dim_v, dtype)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    return decoding.cache_step(q, k, v, state, position, valid,
+                               lambda distance: (distance <= self.window)[:, None])
 
   def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
     """``[num_heads, length, length]`` band allow-matrix."""

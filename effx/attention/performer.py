@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effx.attention import decoding
 from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
                                  zero_padded_queries)
 from effx.attention.linear import feature_attention
@@ -136,6 +137,8 @@ class PerformerAttention(Family):
       dim 64), a few percent of queries have a denominator below 1e-30 and output zeros.
   """
 
+  decodable = True
+
   num_features: int = 256
   kernel: str = "softmax"
   orthogonal: bool = True
@@ -158,3 +161,19 @@ class PerformerAttention(Family):
     return performer_attention(q, k, v, projection=projection, mask=mask, causal=self.causal,
                                kernel=self.kernel, chunk_size=self.chunk_size,
                                epsilon=self.epsilon)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """Running sums over ``num_features`` features (and the keys' largest log scale)."""
+    del capacity, dtype
+    return decoding.sums_init(batch, heads, self.num_features, head_dim_v)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    del position  # the layer's fixed draw, as in evaluation
+    key = family_key(self, seed=self.seed, redraw=self.redraw, deterministic=True)
+    projection = draw_features(key, self.num_features, q.shape[-1], self.orthogonal)
+    phi_q, _ = favor_features(q[:, None], projection, kernel=self.kernel, epsilon=self.epsilon)
+    phi_k, scale = favor_features(k[:, None], projection, kernel=self.kernel,
+                                  epsilon=self.epsilon)
+    out, state = decoding.sums_step(phi_q[:, 0], phi_k[:, 0], v, state, valid,
+                                    None if scale is None else scale[:, 0])
+    return out.astype(q.dtype), state

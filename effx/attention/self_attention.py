@@ -77,7 +77,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                deterministic: bool = True, *, qk_input: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, cache: dict | None = None):
     """Attends ``x [batch, length, features]`` to itself.
 
     Args:
@@ -89,9 +89,12 @@ class SelfAttention(nn.Module):
         position-infused attention passes ``x + position_embeddings``.
       positions: ``[batch, length]`` integer positions for ``rotary`` (default
         ``0..length-1``).
+      cache: incremental decoding (causal, decodable families): ``x`` is one token
+        ``[batch, 1, features]`` at ``positions [batch, 1]`` and ``cache`` the family's
+        state (``decode_init``); returns ``(out, new_cache)``.
 
     Returns:
-      ``[batch, length, out_features]``.
+      ``[batch, length, out_features]`` (and the new cache when decoding).
     """
     if x.ndim != 3:
       raise ValueError(f"SelfAttention: x must be [batch, length, features], got {x.shape}")
@@ -114,14 +117,24 @@ class SelfAttention(nn.Module):
     self.sow("intermediates", "qkv", {"q": q, "k": k, "v": v})
     mixer = registry.make(self.attention, causal=self.causal, module_name="mixer",
                           **self._family_options())
-    mixed = mixer(q, k, v, mask=mask, deterministic=deterministic)
+    if cache is not None:
+      if not (self.causal and mixer.decodable) or x.shape[1] != 1 or positions is None:
+        raise ValueError("SelfAttention: a decoding cache needs causal=True, a decodable "
+                         "family and one token [batch, 1, features] with its positions")
+      valid = jnp.ones(x.shape[:1], bool) if mask is None else mask[:, 0]
+      mixed, cache = mixer.decode_step(q[:, 0], k[:, 0], v[:, 0], cache, positions[:, 0],
+                                       valid)
+      mixed = mixed[:, None]
+    else:
+      mixed = mixer(q, k, v, mask=mask, deterministic=deterministic)
     mixed = nn.with_logical_constraint(mixed, HEAD_AXES)
     mixed = nn.Dropout(self.dropout_rate)(mixed, deterministic=deterministic)
-    return _Projection(
+    out = _Projection(
         features=(self.out_features or x.shape[-1],), contract=2, dtype=self.dtype,
         param_dtype=self.param_dtype, use_bias=self.use_bias, kernel_init=self.kernel_init,
         kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), bias_axes=(axes.EMBED,),
         name="out")(mixed)
+    return out if cache is None else (out, cache)
 
 
 class _Projection(nn.Module):

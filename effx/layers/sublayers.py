@@ -31,7 +31,8 @@ class AttentionSublayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, cache: dict | None = None):
+    """``cache``: a decoding state (``SelfAttention``); then returns ``(out, cache)``."""
     cfg = self.config
     h = layer_norm(cfg, "norm")(x)
     qk_input = None
@@ -44,9 +45,12 @@ class AttentionSublayer(nn.Module):
         attention=cfg.attention, attention_kwargs=cfg.family_options, causal=cfg.causal,
         dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         rotary=cfg.positional == "rotary", name="attention",
-    )(h, mask, deterministic, qk_input=qk_input, positions=positions)
+    )(h, mask, deterministic, qk_input=qk_input, positions=positions, cache=cache)
+    if cache is not None:
+      out, cache = out
     out = checkpoint_name(out, "attn_out")
-    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return out if cache is None else (out, cache)
 
 
 class FeedForwardSublayer(nn.Module):

@@ -24,6 +24,11 @@ class CausalLM(nn.Module):
   ``memory``; ``memory=None`` starts empty. ``aux`` also holds per-layer ``hidden`` and
   ``attention`` outputs and ``compression_loss`` (0 without compression), which the
   training loss should add.
+
+  Incremental decoding (``effx.generate``): ``cache`` (from ``init_cache``) holds each
+  layer's attention state and the next position; ``inputs`` is then one token per row
+  ``[batch, 1]`` and ``aux["cache"]`` the state after it. Models with segment memory
+  decode through their memory instead (one-token segments).
   """
 
   config: ModelConfig
@@ -33,11 +38,38 @@ class CausalLM(nn.Module):
     return empty_memory(batch, cfg.num_layers, cfg.emb_dim, cfg.mem_len, cfg.compressed_len,
                         DTYPES[cfg.dtype])
 
+  def init_cache(self, batch: int, capacity: int) -> dict[str, Any]:
+    """The decoding state before the first token, for up to ``capacity`` tokens per row:
+    ``{"layers": each layer's family state stacked on a leading axis, "position":
+    int32 [batch]}``. Raises for models that cannot decode token by token."""
+    from effx.attention import registry  # noqa: PLC0415
+
+    cfg = self.config
+    if cfg.reversible or cfg.mem_len or cfg.compressed_len:
+      raise ValueError("init_cache: reversible models and models with segment memory have "
+                       "no per-layer decoding cache (segment-memory models decode through "
+                       "their memory)")
+    block = cfg.block
+    family = registry.make(cfg.attention, causal=True, parent=None, **block.family_options)
+    if not family.decodable:
+      raise ValueError(f"attention family {cfg.attention!r} cannot decode token by token")
+    head = cfg.qkv_dim // cfg.num_heads
+    layer = family.decode_init(batch, cfg.num_heads, head, head, capacity, DTYPES[cfg.dtype])
+    stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.num_layers, *x.shape)), layer)
+    return {"layers": stacked, "position": jnp.zeros((batch,), jnp.int32)}
+
   @nn.compact
   def __call__(self, inputs: jax.Array, train: bool = False,
-               memory: dict[str, Any] | None = None):
+               memory: dict[str, Any] | None = None, cache: dict[str, Any] | None = None):
     cfg = self.config
-    if cfg.reversible:
+    if cache is not None:
+      x, mask, positions = Embedder(cfg, name="embed")(inputs, cache["position"])
+      y, _, aux = MemoryStack(
+          cfg.block, cfg.num_layers, cfg.mem_len, cfg.compressed_len, cfg.compression_rate,
+          cfg.compression, name="decoder")(x, mask, positions, self.initial_memory(
+              inputs.shape[0]), True, cache=cache["layers"])
+      aux = {**aux, "cache": {"layers": aux["cache"], "position": cache["position"] + 1}}
+    elif cfg.reversible:
       x, mask, positions = Embedder(cfg, name="embed")(inputs)
       x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
       y, aux = Stack(cfg.block, cfg.num_layers, reversible=True, name="decoder")(
