@@ -6,13 +6,13 @@ parallel prefill: a prompt costs one step per token). How a step sees the past d
 on the model (``decode_mode``):
 
 * ``"cache"``: the attention family's decoding state (``effx.attention.decoding``): a key
-  cache for ``dense`` / ``blockwise`` (grows with the context), a ring buffer of the
-  window for ``local`` / ``dilated``, running sums for ``linear`` / ``performer`` /
-  ``cosformer`` (constant per token).
+  cache for ``dense`` / ``blockwise`` / ``sparse`` / ``longformer`` (grows with the
+  context), a ring buffer of the window for ``local`` / ``dilated``, running sums for
+  ``linear`` / ``performer`` / ``cosformer`` (constant per token).
 * ``"memory"``: models trained with segment memory (Transformer-XL) decode one-token
   segments through that memory: each token sees the last ``mem_len`` ones.
 * ``"recompute"``: any other causal family (``lsh``, ``routing``, ``sinkhorn``,
-  ``sparse``, ``longformer``, ``synthesizer``), only when asked for (``recompute=True``):
+  ``synthesizer``), only when asked for (``recompute=True``):
   each step runs the whole model over the sequence so far (the rest padded) and reads
   the newest position, O(length) work per token. Families whose causal output at a
   position ignores later (padded) positions give the forward's logits exactly;
@@ -67,9 +67,8 @@ def _check_capacity(model, mode: str, capacity: int) -> None:
                      "max_new_tokens")
 
 
-def _stepper(model, params, mode: str, batch: int, capacity: int):
+def _stepper(model, variables, mode: str, batch: int, capacity: int):
   """``(state, step)`` with ``step(state, tokens [b], t) -> (logits [b, vocab], state)``."""
-  variables = {"params": params}
   if mode == "cache":
     def step(state, tokens, t):
       del t
@@ -93,19 +92,19 @@ def _stepper(model, params, mode: str, batch: int, capacity: int):
 _COMPILED: dict = {}
 
 
-def _scan(model, params, buffer, lengths, key, **static):
+def _scan(model, variables, buffer, lengths, key, **static):
   """``_scan_impl`` jit-compiled once per model config and static settings (a module with
   a dict option cannot be a static argument of ``jax.jit`` itself)."""
   signature = (repr(model.config), tuple(sorted(static.items())))
   if signature not in _COMPILED:
     _COMPILED[signature] = jax.jit(functools.partial(_scan_impl, model, **static))
-  return _COMPILED[signature](params, buffer, lengths, key)
+  return _COMPILED[signature](variables, buffer, lengths, key)
 
 
-def _scan_impl(model, params, buffer, lengths, key, *, mode, capacity, teacher, temperature,
-               top_k):
+def _scan_impl(model, variables, buffer, lengths, key, *, mode, capacity, teacher,
+               temperature, top_k):
   batch = buffer.shape[0]
-  state, step = _stepper(model, params, mode, batch, capacity)
+  state, step = _stepper(model, variables, mode, batch, capacity)
 
   def body(carry, t):
     state, buffer = carry
@@ -153,7 +152,7 @@ def _check_prompts(prompts, vocab: int) -> list[np.ndarray]:
 
 def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              *, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-             recompute: bool = False) -> list[np.ndarray]:
+             recompute: bool = False, model_state: dict | None = None) -> list[np.ndarray]:
   """Continues each prompt by ``max_new_tokens`` tokens.
 
   Args:
@@ -164,6 +163,7 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], max_new
     top_k: sample among the ``top_k`` likeliest ids (None: all; else >= 1).
     seed: the draws follow ``PRNGKey(seed)`` (same seed, same tokens).
     recompute: allow families without a decoding state (module docstring).
+    model_state: the model's other collections (routing's centroids), if any.
 
   Returns:
     One int32 array of ``max_new_tokens`` ids per prompt.
@@ -184,15 +184,21 @@ def generate(model: nn.Module, params, prompts: Sequence[Sequence[int]], max_new
   buffer = np.zeros((len(prompts), capacity), np.int32)
   for i, p in enumerate(prompts):
     buffer[i, :len(p)] = p
-  out, _ = _scan(model, params, jnp.asarray(buffer), jnp.asarray(lengths, jnp.int32),
-                 jax.random.PRNGKey(seed), mode=mode, capacity=capacity, teacher=False,
-                 temperature=float(temperature), top_k=top_k)
+  out, _ = _scan(model, _variables(params, model_state), jnp.asarray(buffer),
+                 jnp.asarray(lengths, jnp.int32), jax.random.PRNGKey(seed), mode=mode,
+                 capacity=capacity, teacher=False, temperature=float(temperature),
+                 top_k=top_k)
   out = np.asarray(out)
   return [out[i, n:n + max_new_tokens] for i, n in enumerate(lengths)]
 
 
-def decode_logits(model: nn.Module, params, tokens: jax.Array, *,
-                  recompute: bool = False) -> jax.Array:
+def _variables(params, model_state):
+  state = {k: v for k, v in (model_state or {}).items() if k != "memory"}  # training's
+  return {"params": params, **state}
+
+
+def decode_logits(model: nn.Module, params, tokens: jax.Array, *, recompute: bool = False,
+                  model_state: dict | None = None) -> jax.Array:
   """Teacher forcing through the decoding path: ``tokens [batch, length]`` (0-padded at
   the end) fed one step at a time; returns the logits after each, ``[batch, length,
   vocab]``, which equal the model's forward on ``tokens`` up to float rounding."""
@@ -200,7 +206,7 @@ def decode_logits(model: nn.Module, params, tokens: jax.Array, *,
   capacity = tokens.shape[1]
   _check_capacity(model, mode, capacity)
   lengths = jnp.full((tokens.shape[0],), capacity, jnp.int32)
-  _, logits = _scan(model, params, jnp.asarray(tokens, jnp.int32), lengths,
+  _, logits = _scan(model, _variables(params, model_state), jnp.asarray(tokens, jnp.int32), lengths,
                     jax.random.PRNGKey(0), mode=mode, capacity=capacity, teacher=True,
                     temperature=1.0, top_k=None)
   return logits

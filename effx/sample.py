@@ -41,7 +41,7 @@ def sample_workdir(workdir: str, prompts: list[str], max_new_tokens: int, *,
   from effx.data.base import BYTE_VOCAB  # noqa: PLC0415
   from effx.evaluate import restore  # noqa: PLC0415
 
-  run, params, _, _ = restore(workdir, checkpoint)
+  run, params, model_state, _ = restore(workdir, checkpoint)
   if run.model_config.kind != "causal_lm" or run.model_config.vocab_size != BYTE_VOCAB:
     raise ValueError(f"{workdir} holds a {run.model_config.kind} model with vocabulary "
                      f"{run.model_config.vocab_size}; effx.sample reads byte-level causal "
@@ -51,7 +51,8 @@ def sample_workdir(workdir: str, prompts: list[str], max_new_tokens: int, *,
   tokens = [np.frombuffer(p.encode("utf-8"), np.uint8).astype(np.int32) + 1 for p in prompts]
   model = run.model
   out = generate.generate(model, params, tokens, max_new_tokens, temperature=temperature,
-                          top_k=top_k, seed=seed, recompute=recompute)
+                          top_k=top_k, seed=seed, recompute=recompute,
+                          model_state=model_state)
   return [bytes((o - 1).astype(np.uint8)).decode("utf-8", errors="replace") for o in out]
 
 

@@ -27,16 +27,19 @@ DECODABLE = [
     ("dense", {}), ("blockwise", {"q_chunk": 8, "k_chunk": 8}), ("local", {"window": 5}),
     ("dilated", {"window": 3, "dilation": (1, 2)}), ("linear", {}),
     ("performer", {"num_features": 16}), ("cosformer", {"max_len": 64}),
+    ("sparse", {"stride": 4}), ("sparse", {"stride": 4, "pattern": "fixed", "summary": 2}),
+    ("longformer", {"window": 3, "global_tokens": (0, 5)}),
 ]
 
 
 def test_the_list_covers_every_decodable_family():
-  assert sorted(n for n, _ in DECODABLE) == sorted(
+  assert sorted({n for n, _ in DECODABLE}) == sorted(
       n for n in registry.names() if registry.get(n).decodable)
 
 
-@pytest.mark.parametrize("attention,kwargs", DECODABLE)
-@pytest.mark.parametrize("positional", ["rotary", "learned"])
+@pytest.mark.parametrize("attention,kwargs,positional", [
+    *[(a, k, "rotary") for a, k in DECODABLE], ("dense", {}, "learned"),
+    ("local", {"window": 5}, "shortformer"), ("linear", {}, "sinusoidal")])
 def test_decoding_equals_the_forward_at_every_position(attention, kwargs, positional):
   model, params, tokens = _lm(attention, kwargs, positional=positional)
   tokens = tokens.at[1, 13:].set(0)  # a shorter row, padded at the end
@@ -54,14 +57,17 @@ def test_segment_memory_models_decode_through_their_memory():
   np.testing.assert_allclose(stepped, full, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention,kwargs", [("sparse", {"stride": 4}),
-                                              ("longformer", {"window": 3})])
-def test_recompute_decodes_position_pattern_families_exactly(attention, kwargs):
+@pytest.mark.parametrize("attention,kwargs", [("synthesizer", {}), ("sinkhorn", {}),
+                                              ("routing", {})])
+def test_recompute_decodes_families_without_a_state(attention, kwargs):
+  """Exact for these: their causal output at a position ignores later (padded) ones."""
   model, params, tokens = _lm(attention, kwargs)
+  variables = model.init(jax.random.PRNGKey(1), tokens)
+  state = {k: v for k, v in variables.items() if k != "params"}  # routing's centroids
   with pytest.raises(ValueError, match="cannot decode token by token.*recompute=True"):
     generate.decode_mode(model)
-  full, _ = model.apply({"params": params}, tokens)
-  stepped = generate.decode_logits(model, params, tokens, recompute=True)
+  full, _ = model.apply(variables, tokens)
+  stepped = generate.decode_logits(model, params, tokens, recompute=True, model_state=state)
   np.testing.assert_allclose(stepped, full, atol=1e-5)
 
 

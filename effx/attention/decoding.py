@@ -10,7 +10,9 @@ new state)``. Its output equals the family's causal forward at that position. Tw
 * **Key caches** (softmax families): the keys and values a query may see, with their
   positions. ``dense`` and ``blockwise`` keep every earlier token (``capacity`` slots:
   memory and time per token grow with the context); ``local`` and ``dilated`` keep a ring
-  buffer of the last ``window * dilation + 1`` tokens (constant per token).
+  buffer of the last ``window * dilation + 1`` tokens (constant per token); ``sparse``
+  and ``longformer`` keep every earlier token and apply their pattern to the row (exact,
+  but as costly per token as dense: their strided / global keys reach back to the start).
 * **Running sums** (kernel families: ``linear``, ``performer``, ``cosformer``): the
   prefix sums ``S = sum_j phi(k_j) v_j^T`` and ``z = sum_j phi(k_j)`` (``[heads, features,
   dim_v]`` per sequence, whatever the context length), with the running maximum of the
@@ -32,9 +34,11 @@ TINY = 1e-30  # as effx.attention.linear: a smaller denominator counts as zero
 
 def cache_init(batch: int, slots: int, heads: int, head_dim: int, head_dim_v: int,
                dtype=jnp.float32) -> dict[str, jax.Array]:
-  """An empty key cache of ``slots`` entries (``position`` -1: empty)."""
-  return {"k": jnp.zeros((batch, slots, heads, head_dim), dtype),
-          "v": jnp.zeros((batch, slots, heads, head_dim_v), dtype),
+  """An empty key cache of ``slots`` entries (``position`` -1: empty); keys and values
+  are stored ``[batch, heads, slots, dim]``, the layout both products read without a
+  transpose."""
+  return {"k": jnp.zeros((batch, heads, slots, head_dim), dtype),
+          "v": jnp.zeros((batch, heads, slots, head_dim_v), dtype),
           "position": jnp.full((batch, slots), -1, jnp.int32)}
 
 
@@ -48,25 +52,26 @@ def cache_step(q: jax.Array, k: jax.Array, v: jax.Array, state: dict[str, jax.Ar
     q, k: ``[batch, heads, head_dim]``; v: ``[batch, heads, head_dim_v]``.
     state: from ``cache_init``.
     position, valid: ``[batch]``.
-    allow: ``distance [batch, slots] (query position - key position, >= 0) -> bool
-      [batch, heads or 1, slots]``: the family's pattern along one row.
+    allow: ``(query_position [batch, 1], key_position [batch, slots]) -> bool
+      [batch, heads or 1, slots]``: the family's pattern along one row (called only
+      where ``key_position <= query_position``).
 
   Returns:
     ``(out [batch, heads, head_dim_v] in q's dtype (zeros where not valid), state)``.
   """
-  slots = state["k"].shape[1]
+  slots = state["k"].shape[2]
   row = jnp.arange(q.shape[0])
   slot = position % slots
-  keys = state["k"].at[row, slot].set(k.astype(state["k"].dtype))
-  values = state["v"].at[row, slot].set(v.astype(state["v"].dtype))
+  keys = state["k"].at[row, :, slot].set(k.astype(state["k"].dtype))
+  values = state["v"].at[row, :, slot].set(v.astype(state["v"].dtype))
   stored = state["position"].at[row, slot].set(jnp.where(valid, position, -1))
   distance = position[:, None] - stored
   allowed = (stored >= 0) & (distance >= 0)
-  allowed = allowed[:, None, :] & allow(distance)                        # [b, h, slots]
-  logits = jnp.einsum("bhd,bshd->bhs", q, keys,
+  allowed = allowed[:, None, :] & allow(position[:, None], stored)       # [b, h, slots]
+  logits = jnp.einsum("bhd,bhsd->bhs", q, keys,
                       preferred_element_type=f32) * q.shape[-1] ** -0.5
   weights = jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1)
-  out = jnp.einsum("bhs,bshd->bhd", weights, values.astype(f32))
+  out = jnp.einsum("bhs,bhsd->bhd", weights, values, preferred_element_type=f32)
   out = jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
   return out, {"k": keys, "v": values, "position": stored}
 

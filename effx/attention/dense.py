@@ -90,7 +90,7 @@ class DenseAttention(Family):
 
   def decode_step(self, q, k, v, state, position, valid):
     return decoding.cache_step(q, k, v, state, position, valid,
-                               lambda distance: jnp.ones_like(distance, bool)[:, None])
+                               lambda i, j: jnp.ones_like(j, bool)[:, None])
 
   def allow_matrix(self, length: int, num_heads: int = 1):
     """``[num_heads, length, length]`` allow-matrix: all ones, lower-triangular if causal."""

@@ -113,8 +113,8 @@ class DilatedAttention(Family):
   def decode_step(self, q, k, v, state, position, valid):
     d = jnp.asarray(_per_head(self.dilation, q.shape[1]))[None, :, None]    # [1, h, 1]
 
-    def allow(distance):
-      distance = distance[:, None, :]
+    def allow(i, j):
+      distance = (i - j)[:, None, :]
       return (distance <= self.window * d) & (distance % d == 0)
     return decoding.cache_step(q, k, v, state, position, valid, allow)
 

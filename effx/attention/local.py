@@ -102,7 +102,7 @@ class LocalAttention(Family):
 
   def decode_step(self, q, k, v, state, position, valid):
     return decoding.cache_step(q, k, v, state, position, valid,
-                               lambda distance: (distance <= self.window)[:, None])
+                               lambda i, j: (i - j <= self.window)[:, None])
 
   def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
     """``[num_heads, length, length]`` band allow-matrix."""

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention import kernel, local
+from effx.attention import decoding, kernel, local
 from effx.attention.core import AnyOf, Band, KeyIn, positions
 from effx.attention.local import band_pattern, local_parts
 from effx.attention.registry import register
@@ -94,11 +94,28 @@ class LongformerAttention(Family):
 
   pattern_kind = "static"
 
+  decodable = True
+
   window: int = 128
   global_tokens: tuple[int, ...] = (0,)
 
   def check_options(self):
     _check(self.window, self.global_tokens)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """A key cache of ``capacity`` slots (global keys reach back to the start)."""
+    if any(g < 0 for g in self.global_tokens):
+      raise ValueError(f"longformer: global_tokens={self.global_tokens} counts from the end, "
+                       "which a sequence being generated does not have; use positions >= 0")
+    return decoding.cache_init(batch, capacity, heads, head_dim, head_dim_v, dtype)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    glob = jnp.asarray(self.global_tokens or (-1,), jnp.int32)
+
+    def allow(i, j):
+      is_global = lambda p: jnp.any(p[..., None] == glob, axis=-1)  # noqa: E731
+      return ((i - j <= self.window) | is_global(j) | is_global(i))[:, None]
+    return decoding.cache_step(q, k, v, state, position, valid, allow)
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention import kernel
+from effx.attention import decoding, kernel
 from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
                                  zero_padded_queries)
 from effx.attention.core import NotSelf, OtherBlock, from_residues, merge, positions, to_residues
@@ -133,12 +133,29 @@ class SparseAttention(Family):
 
   pattern_kind = "static"
 
+  decodable = True
+
   pattern: str = "strided"
   stride: int = 128
   summary: int | None = None
 
   def check_options(self):
     _check(self.pattern, self.stride, self.summary)
+
+  def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
+    """A key cache of ``capacity`` slots (strided / summary keys reach back to the start)."""
+    return decoding.cache_init(batch, capacity, heads, head_dim, head_dim_v, dtype)
+
+  def decode_step(self, q, k, v, state, position, valid):
+    stride, summary = self.stride, _summary(self.stride, self.summary)
+
+    def allow(i, j):
+      if self.pattern == "strided":
+        ok = (i - j < stride) | ((i - j) % stride == 0)
+      else:
+        ok = (i // stride == j // stride) | (j % stride >= stride - summary)
+      return ok[:, None]
+    return decoding.cache_step(q, k, v, state, position, valid, allow)
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
