@@ -287,8 +287,8 @@ def _read_results(workdir: str) -> dict[str, Any] | None:
   if not files.exists(path):
     return None
   values = json.loads(files.read_text(path))
-  keep = ("test_accuracy", "eval_accuracy", "best_step", "step", "wall_time_s",
-          "peak_memory_bytes", "num_parameters")
+  keep = ("test_accuracy", "eval_accuracy", "test_bpb", "eval_bpb", "best_step", "step",
+          "wall_time_s", "peak_memory_bytes", "num_parameters")
   return {k: values[k] for k in keep if k in values}
 
 
@@ -544,6 +544,7 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
     rows.append({"trial": trial.name, **{k: trial.overrides.get(k, "") for k in keys},
                  "status": trial.status,
                  "test_accuracy": r.get("test_accuracy"), "eval_accuracy": r.get("eval_accuracy"),
+                 "test_bpb": r.get("test_bpb"), "eval_bpb": r.get("eval_bpb"),
                  "best_step": r.get("best_step"), "steps_per_s": steps_per_s,
                  "peak_memory_mb": (r["peak_memory_bytes"] / 2**20
                                     if r.get("peak_memory_bytes") else None),
@@ -553,7 +554,10 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
   writer.writeheader()
   writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
   files.write_text_atomic(os.path.join(workdir, "results.csv"), text.getvalue())
-  shown = ["trial", *keys, "status", "test_accuracy", "eval_accuracy", "steps_per_s",
+  # Language models are chosen by bits per byte: show those columns instead.
+  metric = ("bpb" if any(r["test_bpb"] is not None for r in rows)
+            and all(r["test_accuracy"] is None for r in rows) else "accuracy")
+  shown = ["trial", *keys, "status", f"test_{metric}", f"eval_{metric}", "steps_per_s",
            "peak_memory_mb"]
   lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
   for row in rows:
@@ -562,11 +566,13 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
       v = row[k]
       if k in ("test_accuracy", "eval_accuracy"):
         v = "" if v is None else f"{100 * v:.1f}%"
+      elif k in ("test_bpb", "eval_bpb"):
+        v = "" if v is None else f"{v:.4f}"
       elif k in ("steps_per_s", "peak_memory_mb"):
         v = "" if v is None else f"{v:.1f}"
       cells.append(str(v))
     lines.append("| " + " | ".join(cells) + " |")
-  done = [r for r in rows if r["status"] == "done"]
+  done = [r for r in rows if r["status"] == "done" and r["test_accuracy"] is not None]
   if done:
     mean = sum(r["test_accuracy"] for r in done) / len(done)
     lines.append(f"\nMean test accuracy over the {len(done)} finished of {len(rows)} trials: "
