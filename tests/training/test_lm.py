@@ -109,12 +109,12 @@ def _lm_config(**overrides):
 
 @pytest.mark.slow
 def test_lm_with_memory_resumes_exactly(tmp_path):
-  """Memory is part of the state: a run resumed at step 10 ends where an uninterrupted
+  """Memory is part of the state: a run resumed at step 6 ends where an uninterrupted
   one does, bit for bit."""
-  config = _lm_config(num_train_steps=20, checkpoint_every_steps=10, eval_every_steps=10)
+  config = _lm_config(num_train_steps=12, checkpoint_every_steps=6, eval_every_steps=6)
   trainer.train_and_evaluate(config, str(tmp_path / "a"))
   trainer.train_and_evaluate(config, str(tmp_path / "b"))
-  shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "12")
   trainer.train_and_evaluate(config, str(tmp_path / "b"))
   rows = {w: [(r["split"], r["step"], r.get("loss")) for r in metrics.read(str(tmp_path / w))]
           for w in "ab"}
