@@ -97,6 +97,8 @@ def _scan(model, variables, buffer, lengths, key, **static):
   a dict option cannot be a static argument of ``jax.jit`` itself)."""
   signature = (repr(model.config), tuple(sorted(static.items())))
   if signature not in _COMPILED:
+    if len(_COMPILED) >= 8:  # each capacity compiles anew: keep only the recent ones
+      del _COMPILED[next(iter(_COMPILED))]
     _COMPILED[signature] = jax.jit(functools.partial(_scan_impl, model, **static))
   return _COMPILED[signature](variables, buffer, lengths, key)
 

@@ -37,7 +37,6 @@ from effx import files, quant, validate
 from effx import workdir as workdir_lib
 from effx.data import pipeline
 from effx.layers import memory as layer_memory
-from effx.models.config import DTYPES
 
 def _check_workdir(workdir: str) -> str:
   """The absolute workdir; a path that is a file, or that cannot be created, raises
@@ -116,7 +115,8 @@ class Run:
     self.config = config
     self.task = task if task is not None else data_lib.load(config.data, config.seed)
     self.model_config = validate.model(config, self.task)
-    self.model = quant.wrap(models.build(self.model_config), config.quant)
+    built = models.build(self.model_config)
+    self.model = quant.wrap(built, config.quant)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules(config)
     self.tx = optim.optimizer(config)
@@ -130,6 +130,7 @@ class Run:
 
     self.carries_memory = self.model_config.kind == "causal_lm" and bool(
         self.model_config.mem_len or self.model_config.compressed_len)
+    self._empty_memory = built.initial_memory if self.carries_memory else None
 
     def init(rng):
       variables = self.model.init({"params": rng, "dropout": rng}, *dummies, train=False)
@@ -152,7 +153,7 @@ class Run:
     self.eval_carry_sharding = None
     if self.task.kind == "lm":
       self.objective = objectives.LanguageModel(
-          self.model, self._empty_memory if self.carries_memory else None,
+          self.model, self._empty_memory,
           best_metric="accuracy" if config.data.task == "mqar" else "bpb")
       if self.carries_memory:
         self.eval_carry_sharding = self.state_shardings.model_state["memory"]
@@ -170,11 +171,6 @@ class Run:
     self._eval_step = jax.jit(functools.partial(steps.eval_step, objective=self.objective),
                               out_shardings=(sharding.replicated(self.mesh),
                                              self.eval_carry_sharding))
-
-  def _empty_memory(self, batch: int):
-    cfg = self.model_config
-    return layer_memory.empty_memory(batch, cfg.num_layers, cfg.emb_dim, cfg.mem_len,
-                                     cfg.compressed_len, DTYPES[cfg.dtype])
 
   def _boxed_memory(self, batch: int):
     return {name: nn.LogicallyPartitioned(value, layer_memory.memory_axes(name))
