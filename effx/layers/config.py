@@ -10,6 +10,9 @@ import jax.numpy as jnp
 from effx.attention import registry
 from effx.layers import positional, remat
 
+NORMS = ("pre", "post")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
@@ -28,6 +31,11 @@ class BlockConfig:
     ff_chunk_size: feed-forward chunk length (None: unchunked).
     positional: one of ``effx.layers.positional.KINDS``.
     remat: one of ``effx.layers.remat.NAMES``.
+    norm: ``"pre"`` (``x + f(LayerNorm(x))``, a final LayerNorm after the stack) or
+      ``"post"`` (BERT: ``LayerNorm(x + f(x))``, no final LayerNorm).
+    layer_norm_eps: every LayerNorm's epsilon.
+    activation: the feed-forward nonlinearity: ``"gelu_tanh"`` (the tanh approximation),
+      ``"gelu"`` (exact, with erf: BERT's), or ``"relu"``.
     dtype, param_dtype: computation and parameter dtypes.
   """
 
@@ -43,6 +51,9 @@ class BlockConfig:
   ff_chunk_size: int | None = None
   positional: str = "learned"
   remat: str = "none"
+  norm: str = "pre"
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu_tanh"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -64,6 +75,14 @@ class BlockConfig:
     if self.positional not in positional.KINDS:
       raise ValueError(f"model.positional={self.positional!r} is not one of "
                        f"{', '.join(map(repr, positional.KINDS))}")
+    if self.norm not in NORMS:
+      raise ValueError(f"model.norm={self.norm!r} is not one of {', '.join(map(repr, NORMS))}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"model.activation={self.activation!r} is not one of "
+                       f"{', '.join(map(repr, ACTIVATIONS))}")
+    if not isinstance(self.layer_norm_eps, float) or not 0.0 < self.layer_norm_eps < 1.0:
+      raise ValueError(f"model.layer_norm_eps={self.layer_norm_eps!r} must be a float in "
+                       "(0, 1)")
     remat.policy(self.remat)  # raises on an unknown name
     # Fails here, naming the option, for an unknown family, option or causal mismatch.
     registry.make(self.attention, causal=self.causal, parent=None, **self.family_options)

@@ -38,6 +38,9 @@ def check_reversible(config: BlockConfig) -> None:
   if config.has_mutable_state:
     raise ValueError(f"model.attention={config.attention!r} keeps mutable state that the "
                      "reversible backward pass would update twice; use model.reversible=False")
+  if config.norm != "pre":
+    raise ValueError("model.reversible=True needs pre-norm sub-blocks (model.norm='pre'): "
+                     "a LayerNorm after the residual sum cannot be inverted")
   if config.remat != "none":
     raise ValueError(f"model.reversible=True already recomputes every layer; set "
                      f"model.remat='none' (got {config.remat!r})")

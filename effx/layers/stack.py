@@ -36,7 +36,7 @@ class _ScannedBlock(nn.Module):
 
 
 class Stack(nn.Module):
-  """``num_layers`` pre-norm blocks followed by a final LayerNorm.
+  """``num_layers`` blocks, followed by a final LayerNorm when they are pre-norm.
 
   Attributes:
     config: block hyperparameters (``config.remat`` picks the remat policy).
@@ -74,5 +74,6 @@ class Stack(nn.Module):
           length=self.num_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       x, (hidden, attention) = scanned(cfg, deterministic, name="layers")(x, mask, positions)
       aux = {"hidden": hidden, "attention": attention}
-    x = layer_norm(cfg, "final_norm")(x)
+    if cfg.norm == "pre":  # post-norm blocks end normalised
+      x = layer_norm(cfg, "final_norm")(x)
     return x, aux

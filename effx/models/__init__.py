@@ -3,6 +3,8 @@
 * ``Classifier`` (``kind="classifier"``): ListOps, Text, Image, Pathfinder, Path-X.
 * ``DualEncoderClassifier`` (``kind="dual_encoder"``): Retrieval.
 * ``CausalLM`` (``kind="causal_lm"``): byte-level LM, optional segment memory.
+* ``Encoder`` (``kind="encoder"``): the pooled vector itself (sentence embeddings;
+  ``effx.pretrained`` loads BERT-family checkpoints into it).
 
 All take integer tokens ``[batch, length]`` with padding id 0 and return
 ``(logits, aux)``.
@@ -19,7 +21,7 @@ from effx.models.classifier import Classifier, DualEncoderClassifier, Encoder, p
 from effx.models.config import ModelConfig, model_config
 
 _KINDS = {"classifier": Classifier, "dual_encoder": DualEncoderClassifier,
-          "causal_lm": CausalLM}
+          "causal_lm": CausalLM, "encoder": Encoder}
 
 
 def build(config: Mapping[str, Any] | ModelConfig) -> nn.Module:

@@ -14,26 +14,36 @@ from effx.models.embedding import Embedder
 
 
 def pool(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
-  """``[batch, length, d] -> [batch, d]``: the CLS position, or the mean over real tokens."""
-  if how == "cls":
+  """``[batch, length, d] -> [batch, d]``: the first position (``"cls"``: the prepended
+  CLS vector; ``"first"``: the first input token), or the mean over real tokens."""
+  if how in ("cls", "first"):
     return x[:, 0]
   weights = mask.astype(x.dtype)[..., None]
   return jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
 class Encoder(nn.Module):
-  """Embeddings -> dropout -> layer stack -> pooled vector. Returns ``(pooled, aux)``."""
+  """Embeddings -> dropout -> layer stack -> pooled vector (L2-normalised with
+  ``config.normalize``). ``__call__(tokens, train=False, token_types=None)`` returns
+  ``(pooled, aux)``; ``aux`` as for ``Classifier``. It is the model of
+  ``kind="encoder"`` (sentence embeddings, ``effx.pretrained``)."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, train: bool = False):
+  def __call__(self, tokens: jax.Array, train: bool = False,
+               token_types: jax.Array | None = None):
     cfg = self.config
-    x, mask, positions = Embedder(cfg, with_cls=cfg.pool == "cls", name="embed")(tokens)
+    x, mask, positions = Embedder(cfg, with_cls=cfg.pool == "cls", name="embed")(
+        tokens, token_types=token_types)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
     y, aux = Stack(cfg.block, cfg.num_layers, cfg.reversible, name="encoder")(
         x, mask, not train, positions)
     pooled = pool(y, mask, cfg.pool)
+    if cfg.normalize:  # as torch's F.normalize: x / max(|x|, 1e-12)
+      pooled32 = pooled.astype(jnp.float32)
+      norm = jnp.linalg.norm(pooled32, axis=-1, keepdims=True)
+      pooled = (pooled32 / jnp.maximum(norm, 1e-12)).astype(pooled.dtype)
     return pooled, {"embedded": x, **aux, "final": y, "mask": mask, "pooled": pooled}
 
 

@@ -13,8 +13,8 @@ from effx.layers.config import BlockConfig
 from effx.layers.memory import check_memory
 from effx.layers.reversible import check_reversible
 
-KINDS = ("classifier", "dual_encoder", "causal_lm")
-POOLS = ("cls", "mean")
+KINDS = ("classifier", "dual_encoder", "causal_lm", "encoder")
+POOLS = ("cls", "mean", "first")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -23,7 +23,8 @@ class ModelConfig:
   """Every ``config.model`` key, with its default. Unknown keys are errors.
 
   Attributes:
-    kind: ``"classifier"`` | ``"dual_encoder"`` | ``"causal_lm"``.
+    kind: ``"classifier"`` | ``"dual_encoder"`` | ``"causal_lm"`` | ``"encoder"``
+      (returns the pooled vector: sentence embeddings).
     vocab_size: token ids are ``0..vocab_size-1``; 0 is padding.
     max_len: longest input (learned positions have this many rows).
     num_classes: classifier outputs (ignored by ``causal_lm``).
@@ -31,8 +32,9 @@ class ModelConfig:
     dropout_rate: on embeddings, sub-block outputs and the feed-forward hidden layer.
     attention_dropout_rate: on the mixed attention heads.
     attention, attention_kwargs: family name and options.
-    pool: ``"cls"`` (a learned [CLS] vector prepended to the sequence) or ``"mean"``
-      (over real tokens); classifiers only.
+    pool: ``"cls"`` (a learned [CLS] vector prepended to the sequence), ``"mean"``
+      (over real tokens) or ``"first"`` (the first input token's output, e.g. a [CLS]
+      token the tokenizer put there); not for ``causal_lm``.
     positional: ``"learned"`` | ``"sinusoidal"`` | ``"rotary"`` | ``"shortformer"`` |
       ``"none"``.
     reversible: reversible residual stack.
@@ -41,6 +43,14 @@ class ModelConfig:
     classifier_dim: hidden width of the classifier head (default: ``mlp_dim``).
     mem_len, compressed_len, compression_rate, compression: segment memory of the
       causal LM (``effx.layers.memory``).
+    norm: ``"pre"`` (default) or ``"post"`` (BERT: LayerNorm after each residual sum,
+      and on the embeddings; no final LayerNorm).
+    layer_norm_eps: every LayerNorm's epsilon.
+    activation: feed-forward nonlinearity, ``"gelu_tanh"`` | ``"gelu"`` (exact) |
+      ``"relu"``.
+    type_vocab_size: rows of a token-type (segment) embedding table added to the token
+      embeddings (BERT's; 0: none). Inputs without token types use type 0.
+    normalize: L2-normalise the pooled vector (sentence embeddings; ``kind="encoder"``).
     dtype: computation dtype, ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
   """
 
@@ -67,6 +77,11 @@ class ModelConfig:
   compressed_len: int = 0
   compression_rate: int = 2
   compression: str = "mean"
+  norm: str = "pre"
+  layer_norm_eps: float = 1e-6
+  activation: str = "gelu_tanh"
+  type_vocab_size: int = 0
+  normalize: bool = False
   dtype: str = "float32"
 
   def __post_init__(self):
@@ -81,6 +96,15 @@ class ModelConfig:
       causal = [n for n in registry.names() if registry.supports_causal(n)]
       raise ValueError(f"model.attention={self.attention!r} cannot be causal, which "
                        f"model.kind='causal_lm' needs; causal families: {', '.join(causal)}")
+    if (not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool)
+        or self.type_vocab_size < 0):
+      raise ValueError(f"model.type_vocab_size={self.type_vocab_size!r} must be an integer "
+                       ">= 0 (0: no token-type embeddings)")
+    if self.normalize and self.kind != "encoder":
+      raise ValueError(f"model.normalize=True L2-normalises sentence embeddings, which "
+                       f"model.kind='encoder' returns (this model is {self.kind!r})")
+    if self.kind == "causal_lm" and self.norm != "pre":
+      raise ValueError("model.kind='causal_lm' has pre-norm blocks only; set model.norm='pre'")
     if self.kind != "causal_lm" and (self.mem_len or self.compressed_len):
       raise ValueError("model.mem_len / model.compressed_len are for model.kind='causal_lm'")
     if self.classifier_dim is not None and (
@@ -110,7 +134,9 @@ class ModelConfig:
         attention_dropout_rate=self.attention_dropout_rate, attention=self.attention,
         attention_kwargs=tuple(sorted(dict(self.attention_kwargs).items())),
         causal=self.kind == "causal_lm", ff_chunk_size=self.ff_chunk_size,
-        positional=self.positional, remat=self.remat, dtype=DTYPES[self.dtype])
+        positional=self.positional, remat=self.remat, norm=self.norm,
+        layer_norm_eps=self.layer_norm_eps, activation=self.activation,
+        dtype=DTYPES[self.dtype])
 
 
 DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
