@@ -45,10 +45,10 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
   c.sharding_rules = DEFAULT_RULES
   c.model = ml_collections.ConfigDict(dict(
-      kind=("dual_encoder" if task == "retrieval" else "causal_lm"
-            if task in data_lib.LM_TASKS else "classifier"),
+      kind=data_lib.model_kind(task),
       num_layers=4, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024, dropout_rate=0.1,
-      attention_dropout_rate=0.1, attention="dense", attention_kwargs={}, pool="cls",
+      attention_dropout_rate=0.1, attention="dense", attention_kwargs={},
+      pool="mean" if task == "sentences" else "cls",
       positional="learned", reversible=False, remat="none", dtype="float32"))
   c.model.ff_chunk_size = ml_collections.config_dict.placeholder(int)   # None: unchunked
   c.model.classifier_dim = ml_collections.config_dict.placeholder(int)  # None: mlp_dim

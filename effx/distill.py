@@ -2,15 +2,24 @@
 
 The teacher is a finished ``effx.train`` workdir (``config.distill.teacher_workdir``):
 its ``config.json`` builds the teacher model and its best-on-validation parameters are
-loaded. The teacher's forward pass runs inside the student's jitted step, on the same
-batch, without gradients; its variables are an argument of the step (not part of the
-student's state: never donated, never checkpointed). ``workdir/teacher.json`` records
+loaded. Or it is a pretrained BERT-family model folder (``config.distill.teacher_model``,
+``effx.pretrained``), whose sentence encoder (``model.kind="encoder"``) teaches a
+student encoder on unlabeled text (``data.task="sentences"``): then the output loss is
+``embedding_weight · (1 - cos(student, teacher))`` on the sentence embeddings (kd / ce
+need logits and labels and must be 0), and the student is evaluated, and its best
+checkpoint chosen, by the mean cosine similarity of its embeddings to the teacher's.
+
+The teacher's forward pass runs inside the student's jitted step, on the same batch,
+without gradients; its variables are an argument of the step (not part of the student's
+state: never donated, never checkpointed). ``workdir/teacher.json`` records
 the teacher's path, step and a SHA-256 of its parameters; a resumed run refuses a
 teacher whose parameters changed.
 
 Losses (each with its weight in ``config.distill``; token-level ones averaged over real
 tokens only):
 
+* ``embedding_weight``: ``1 - cos`` of the student's and teacher's sentence embeddings
+  (encoders only).
 * ``kd_weight``: Hinton et al. 2015, ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` on the
   logits (T = ``temperature``; T² keeps its gradients on the scale of the hard loss).
 * ``ce_weight``: cross-entropy on the labels (DistilBERT's α_ce on the hard targets).
@@ -26,8 +35,8 @@ tokens only):
   queries, heads and mapped layers. The values of all heads are concatenated and split
   into ``relation_heads`` heads (0: the teacher's ``num_heads``) of width ``d_r``
   (MiniLMv2), so it needs neither equal widths nor equal head counts, and every family
-  has values: any two single-sequence classifiers with the same ``pool`` and plain
-  (not reversible) stacks.
+  has values: any two single-sequence classifiers or encoders with the same ``pool`` and
+  plain (not reversible) stacks.
 * ``attention_kl_weight``: TinyBERT / MiniLM attention-distribution transfer,
   ``KL(A_t ‖ A_s)`` with ``A = softmax(Q Kᵀ / √d_head)`` per head. Only for models
   whose attention *is* that distribution (``dense``, ``blockwise``) with equal
@@ -70,10 +79,15 @@ from effx import axes, models, quant
 from effx import workdir as workdir_lib
 from effx.objectives import Classification, forward
 
-DEFAULTS = dict(teacher_workdir="", temperature=2.0, kd_weight=1.0, ce_weight=0.1,
-                hidden_weight=0.0, hidden_loss="mse", attention_weight=0.0,
-                value_relation_weight=0.0, attention_kl_weight=0.0, relation_heads=0,
-                layer_map=(), init_from_teacher=False)
+DEFAULTS = dict(teacher_workdir="", teacher_model="", temperature=2.0, kd_weight=1.0,
+                ce_weight=0.1, embedding_weight=0.0, hidden_weight=0.0, hidden_loss="mse",
+                attention_weight=0.0, value_relation_weight=0.0, attention_kl_weight=0.0,
+                relation_heads=0, layer_map=(), init_from_teacher=False)
+# The student keys that must equal a pretrained teacher's for init_from_teacher: the
+# checkpoint's weights mean something only under the same computation.
+ARCHITECTURE_KEYS = ("emb_dim", "num_heads", "qkv_dim", "mlp_dim", "vocab_size", "max_len",
+                     "pool", "positional", "norm", "layer_norm_eps", "activation",
+                     "type_vocab_size", "normalize")
 HIDDEN_LOSSES = ("mse", "cosine")
 # Families whose output is exactly softmax(QKᵀ/√d)V over every key: their attention
 # distribution is the one attention_kl_weight compares.
@@ -82,8 +96,9 @@ _log = logging.getLogger(__name__)
 
 
 def defaults() -> ml_collections.ConfigDict:
-  """``config.distill`` with every key at its default (``teacher_workdir=""``: off; a
-  distillation config sets it to None, which must be overridden)."""
+  """``config.distill`` with every key at its default (``teacher_workdir=""`` and
+  ``teacher_model=""``: off; a distillation config sets one to None, which must be
+  overridden)."""
   return ml_collections.ConfigDict(dict(DEFAULTS))
 
 
@@ -191,6 +206,33 @@ class Teacher:
       workdir_lib.write_json_atomic(path, mine)
 
 
+class PretrainedTeacher(Teacher):
+  """A pretrained model folder as the teacher (``effx.pretrained``, dense attention), with
+  ``Teacher``'s attributes; ``step`` is 0 and ``workdir`` is the folder."""
+
+  def __init__(self, folder: str, student_model_config):  # pylint: disable=super-init-not-called
+    from effx import pretrained  # noqa: PLC0415 (imports models)
+
+    where = f"distill.teacher_model={folder!r}"
+    try:
+      loaded = pretrained.load(folder, max_length=pretrained.max_seq_length(folder))
+    except pretrained.PretrainedError as error:
+      raise pretrained.PretrainedError(f"{where}: {error}") from None
+    if student_model_config.kind != "encoder":
+      raise ValueError(f"{where} is a sentence encoder; the student must be one too "
+                       f"(model.kind='encoder', data.task='sentences'), not "
+                       f"{student_model_config.kind!r}")
+    if student_model_config.vocab_size != loaded.config.vocab_size:
+      raise ValueError(f"{where} has vocab_size {loaded.config.vocab_size}, the student "
+                       f"{student_model_config.vocab_size}: tokenize the data with the "
+                       "teacher's tokenizer (data.tokenizer)")
+    self.config, self.model_config, self.model = None, loaded.config, loaded.model
+    self.variables = {"params": loaded.params, "model_state": loaded.state}
+    self.step = 0
+    self.sha256 = params_sha256(self.variables["params"])
+    self.workdir = os.path.abspath(loaded.folder)
+
+
 def init_student(student_params, teacher_params, layer_map: tuple[int, ...]):
   """The student's parameters with every leaf the teacher has copied in: layer-stacked
   leaves (``.../layers/...``, leading layer axis) take the teacher's ``layer_map``
@@ -263,20 +305,24 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
 
 class Distillation(Classification):
   """The student's distillation loss; evaluated (and its best checkpoint chosen) as a
-  classifier on the labels. ``layer_map``: the teacher layer of each student layer;
-  ``relation_heads``: the value relation's head count (``setup`` resolves the config's
-  0 to the teacher's ``num_heads``)."""
+  classifier on the labels, or, for sentence encoders (``embedding=True``), by the mean
+  cosine similarity of its embeddings to the teacher's. ``layer_map``: the teacher layer
+  of each student layer; ``relation_heads``: the value relation's head count (``setup``
+  resolves the config's 0 to the teacher's ``num_heads``)."""
 
   progress = ("loss", "accuracy", "kd")
 
   def __init__(self, model: nn.Module, teacher_model: nn.Module, options: Any,
-               layer_map: tuple[int, ...], relation_heads: int):
+               layer_map: tuple[int, ...], relation_heads: int, *, embedding: bool = False):
     super().__init__(model)
     self.teacher_model = teacher_model
+    self.embedding = embedding
+    if embedding:
+      self.best_metric, self.progress = "cosine", ("loss", "cosine")
     self.temperature = float(options.temperature)
     self.weights = {k: float(options[f"{k}_weight"])
-                    for k in ("kd", "ce", "hidden", "attention", "value_relation",
-                              "attention_kl")}
+                    for k in ("kd", "ce", "embedding", "hidden", "attention",
+                              "value_relation", "attention_kl")}
     self.hidden_loss = options.hidden_loss
     self.layer_map = layer_map
     self.relation_heads = relation_heads
@@ -289,14 +335,19 @@ class Distillation(Classification):
                                  batch, train=False, capture=self.capture)
     t_logits, t_aux = jax.lax.stop_gradient((t_logits, t_aux))
     logits, t_logits = logits.astype(jnp.float32), t_logits.astype(jnp.float32)
-    t = self.temperature
-    soft = jax.nn.softmax(t_logits / t)
-    kd = t * t * jnp.mean(jnp.sum(soft * (jax.nn.log_softmax(t_logits / t)
-                                          - jax.nn.log_softmax(logits / t)), axis=-1))
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-    values = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["targets"]),
-              "kd": kd, "ce": ce}
-    total = self.weights["kd"] * kd + self.weights["ce"] * ce
+    if self.embedding:
+      cosine = jnp.mean(_cosine(logits, t_logits))
+      values = {"cosine": cosine}
+      total = self.weights["embedding"] * (1.0 - cosine)
+    else:
+      t = self.temperature
+      soft = jax.nn.softmax(t_logits / t)
+      kd = t * t * jnp.mean(jnp.sum(soft * (jax.nn.log_softmax(t_logits / t)
+                                            - jax.nn.log_softmax(logits / t)), axis=-1))
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+      values = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["targets"]),
+                "kd": kd, "ce": ce}
+      total = self.weights["kd"] * kd + self.weights["ce"] * ce
     index = jnp.asarray(self.layer_map)
     if self.weights["hidden"]:
       s_h = aux["hidden"].astype(jnp.float32)
@@ -329,15 +380,63 @@ class Distillation(Classification):
       total = total + self.weights["attention_kl"] * values["attention_kl"]
     return total, (values, new_state)
 
+  def eval_sums(self, params, model_state, batch, carry=None, extra=None):
+    """Classification's sums; for encoders, the summed cosine similarity to the
+    teacher's embeddings (``extra``: the teacher's variables)."""
+    if not self.embedding:
+      return super().eval_sums(params, model_state, batch, carry)
+    if extra is None:
+      raise ValueError("evaluating a distilled encoder needs its teacher (extra)")
+    out, _, _ = forward(self.model, params, model_state, batch, train=False)
+    t_out, _, _ = forward(self.teacher_model, extra["params"], extra["model_state"], batch,
+                          train=False)
+    cosine = _cosine(out.astype(jnp.float32), t_out.astype(jnp.float32))
+    weights = batch["weights"]
+    return {"cosine": jnp.sum(cosine * weights), "loss": jnp.sum((1.0 - cosine) * weights),
+            "count": jnp.sum(weights)}, carry
+
+  def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    if not self.embedding:
+      return Classification.eval_metrics(totals)
+    count = max(totals["count"], 1.0)
+    return {"cosine": totals["cosine"] / count, "loss": totals["loss"] / count,
+            "examples": int(totals["count"])}
+
+
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Cosine similarity of the rows of ``a`` and ``b`` ``[batch, d]``."""
+  return jnp.sum(a * b, -1) / jnp.maximum(
+      jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-8)
+
 
 def setup(config, task, student_model_config, student_model):
   """``(objective, teacher)`` for ``config`` when ``config.distill.teacher_workdir`` is
   set, else ``(None, None)``. Raises one clear message on a bad teacher or options."""
   options = config.distill
-  if not options.teacher_workdir:
+  if options.teacher_model:
+    teacher = PretrainedTeacher(os.path.expanduser(options.teacher_model),
+                                student_model_config)
+  elif options.teacher_workdir:
+    teacher = Teacher(os.path.expanduser(options.teacher_workdir), config.data.to_dict(),
+                      task, student_model_config)
+  else:
     return None, None
-  teacher = Teacher(os.path.expanduser(options.teacher_workdir), config.data.to_dict(), task,
-                    student_model_config)
+  embedding = student_model_config.kind == "encoder"
+  if embedding and (options.kd_weight or options.ce_weight):
+    raise ValueError(f"distill.kd_weight={options.kd_weight} / ce_weight={options.ce_weight}: "
+                     "a sentence encoder has neither logits nor labels; set both to 0 and "
+                     "use distill.embedding_weight (and hidden / attention / value-relation "
+                     "losses)")
+  if options.embedding_weight and not embedding:
+    raise ValueError("distill.embedding_weight compares sentence embeddings: it needs "
+                     f"model.kind='encoder' (this student is {student_model_config.kind!r})")
+  if embedding and options.init_from_teacher:
+    differ = [f"model.{k}={getattr(student_model_config, k)!r} (teacher "
+              f"{getattr(teacher.model_config, k)!r})" for k in ARCHITECTURE_KEYS
+              if getattr(student_model_config, k) != getattr(teacher.model_config, k)]
+    if differ:
+      raise ValueError("distill.init_from_teacher copies the teacher's weights, which needs "
+                       "its architecture: " + ", ".join(differ))
   s_layers, t_layers = student_model_config.num_layers, teacher.model_config.num_layers
   layer_map = tuple(options.layer_map) or uniform_layer_map(s_layers, t_layers)
   if len(layer_map) != s_layers or not all(0 <= i < t_layers for i in layer_map):
@@ -347,9 +446,9 @@ def setup(config, task, student_model_config, student_model):
     raise ValueError("config.init_checkpoint and distill.init_from_teacher both say where "
                      "the student starts: set one")
   token_losses = options.hidden_weight or options.attention_weight
-  if token_losses and student_model_config.kind != "classifier":
+  if token_losses and student_model_config.kind not in ("classifier", "encoder"):
     raise ValueError("distill.hidden_weight / attention_weight need model.kind='classifier' "
-                     f"(this student is {student_model_config.kind!r})")
+                     f"or 'encoder' (this student is {student_model_config.kind!r})")
   if token_losses and student_model_config.emb_dim != teacher.model_config.emb_dim:
     raise ValueError(
         f"distill.hidden_weight / attention_weight compare layer outputs, which needs equal "
@@ -361,7 +460,8 @@ def setup(config, task, student_model_config, student_model):
                      f"(teacher {teacher.model_config.pool!r}, student "
                      f"{student_model_config.pool!r}): the CLS token shifts positions")
   relation_heads = _check_relation_losses(options, student_model_config, teacher.model_config)
-  objective = Distillation(student_model, teacher.model, options, layer_map, relation_heads)
+  objective = Distillation(student_model, teacher.model, options, layer_map, relation_heads,
+                           embedding=embedding)
   return objective, teacher
 
 
@@ -374,9 +474,9 @@ def _check_relation_losses(options, student, teacher) -> int:
   if not (options.value_relation_weight or options.attention_kl_weight):
     return 1
   for who, cfg in (("teacher", teacher), ("student", student)):
-    if cfg.kind != "classifier":
+    if cfg.kind not in ("classifier", "encoder"):
       raise ValueError("distill.value_relation_weight / attention_kl_weight need "
-                       f"model.kind='classifier' (the {who} is {cfg.kind!r})")
+                       f"model.kind='classifier' or 'encoder' (the {who} is {cfg.kind!r})")
     if cfg.reversible:
       raise ValueError("distill.value_relation_weight / attention_kl_weight read each "
                        f"layer's heads, which the reversible stack does not expose (the {who}"

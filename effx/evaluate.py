@@ -34,7 +34,8 @@ def restore(workdir: str, checkpoint: str | int = "latest"):
 
   Returns:
     ``(run, params, model_state, step)``: ``run`` an evaluation-only ``trainer.Run`` of
-    the workdir's config (no distillation teacher loaded).
+    the workdir's config (no distillation teacher loaded, except the pretrained teacher
+    a sentence encoder is evaluated against).
   """
   from effx import checkpoint as ckpt  # noqa: PLC0415
   from effx import trainer  # noqa: PLC0415

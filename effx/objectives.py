@@ -12,9 +12,10 @@ trainer, its checkpoints, resume and sharding are the same for every objective.
   memory, the memory is carried from step to step in the training state (so checkpoints
   hold it) and from batch to batch in evaluation (the objective's evaluation ``carry``).
 
-Evaluation runs ``eval_sums(params, model_state, batch, carry) -> (sums, carry)`` over
-a split's batches in order, starting from ``eval_carry(batch_size)`` (None for
-objectives that carry nothing).
+Evaluation runs ``eval_sums(params, model_state, batch, carry, extra) -> (sums, carry)``
+over a split's batches in order, starting from ``eval_carry(batch_size)`` (None for
+objectives that carry nothing); ``extra`` is what ``loss`` gets too (a teacher's
+variables: a distilled sentence encoder is evaluated against its teacher).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ class Classification:
     del batch_size
     return None
 
-  def eval_sums(self, params, model_state, batch, carry=None):
+  def eval_sums(self, params, model_state, batch, carry=None, extra=None):
     """``(sums, carry)``: weighted sums over ``batch`` (``weights`` 0 marks padding
-    examples); ``carry`` passes through."""
+    examples); ``carry`` passes through; ``extra`` as in ``loss`` (unused here)."""
+    del extra
     logits, _, _ = forward(self.model, params, model_state, batch, train=False)
     logits = logits.astype(jnp.float32)
     weights = batch["weights"]
@@ -167,7 +169,8 @@ class LanguageModel:
   def eval_carry(self, batch_size: int):
     return None if self.initial_memory is None else self.initial_memory(batch_size)
 
-  def eval_sums(self, params, model_state, batch, carry=None):
+  def eval_sums(self, params, model_state, batch, carry=None, extra=None):
+    del extra
     inner = {k: v for k, v in model_state.items() if k != "memory"}
     logits, _, _, carry = self._run(params, inner, batch, carry, train=False)
     return token_sums(logits, batch["targets"], batch.get("weights")), carry

@@ -63,8 +63,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], extra: Any = None
                        model_state=model_state), metrics
 
 
-def eval_step(params, model_state, batch: dict[str, jax.Array], carry: Any = None, *,
-              objective) -> tuple[dict[str, jax.Array], Any]:
+def eval_step(params, model_state, batch: dict[str, jax.Array], carry: Any = None,
+              extra: Any = None, *, objective) -> tuple[dict[str, jax.Array], Any]:
   """The objective's evaluation sums over ``batch`` and its carry for the next batch (a
-  language model's segment memory; None for others)."""
-  return objective.eval_sums(params, model_state, batch, carry)
+  language model's segment memory; None for others); ``extra``: a teacher's variables."""
+  return objective.eval_sums(params, model_state, batch, carry, extra)

@@ -161,7 +161,9 @@ class Run:
       self.objective = objectives.Classification(self.model)
     self.extra = None  # what the objective needs besides the state (a teacher)
     objective, self.teacher = None, None
-    if not evaluation_only:
+    # A distilled sentence encoder is evaluated against its teacher, so evaluation needs
+    # it too.
+    if not evaluation_only or self.task.kind == "embedding":
       objective, self.teacher = distill.setup(config, self.task, self.model_config,
                                               self.model)
     if objective is not None:
@@ -213,7 +215,8 @@ class Run:
       for batch in pipeline.eval_batches(self.task.splits[split], self.config.batch_size,
                                          max_examples=limit):
         sums, carry = self._eval_step(params, model_state,
-                                      sharding.global_batch(batch, self.mesh), carry)
+                                      sharding.global_batch(batch, self.mesh), carry,
+                                      self.extra)
         sums = jax.device_get(sums)
         for k, v in sums.items():
           totals[k] = totals.get(k, 0.0) + float(v)

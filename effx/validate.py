@@ -57,13 +57,17 @@ def config(c: ml_collections.ConfigDict, device_count: int | None = None) -> Non
   data_lib.check_config(c.data)
   distill(c.distill)
   prune(c.prune, c.num_train_steps)
-  expected_kind = ("dual_encoder" if c.data.task == "retrieval" else "causal_lm"
-                   if c.data.task in data_lib.LM_TASKS else "classifier")
+  expected_kind = data_lib.model_kind(c.data.task)
   if c.model.get("kind", expected_kind) != expected_kind:
     raise ValueError(f"model.kind={c.model.kind!r} does not fit data.task="
                      f"{c.data.task!r}, which needs model.kind={expected_kind!r}")
   if expected_kind == "causal_lm":
     language_model(c)
+  if expected_kind == "encoder" and not (c.distill.get("teacher_workdir")
+                                         or c.distill.get("teacher_model")):
+    raise ValueError(f"data.task={c.data.task!r} has no labels: it trains a sentence encoder "
+                     "toward a teacher; set distill.teacher_model (a pretrained model "
+                     "folder) or distill.teacher_workdir")
   quant(c.quant)
   quant_lib.check_model(c.quant, model(c))
   mesh = sharding.mesh_shape(c.mesh, device_count or jax.device_count())
@@ -85,10 +89,10 @@ def language_model(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.grad_accum_steps={c.grad_accum_steps} with segment memory "
                      "(model.mem_len > 0): each row's memory follows its stream from step "
                      "to step, which micro-batches would split; use grad_accum_steps=1")
-  if c.distill.get("teacher_workdir"):
-    raise ValueError(f"distill.teacher_workdir={c.distill.teacher_workdir!r}: distillation "
-                     f"of a language model (data.task={c.data.task!r}) is not supported; "
-                     "unset it")
+  teacher = c.distill.get("teacher_workdir") or c.distill.get("teacher_model")
+  if teacher:
+    raise ValueError(f"distill teacher {teacher!r}: distillation of a language model "
+                     f"(data.task={c.data.task!r}) is not supported; unset it")
 
 
 # Model keys the task decides; a config may repeat them only with the task's value.
@@ -99,12 +103,18 @@ def model(c: ml_collections.ConfigDict, task: data_lib.TaskData | None = None
           ) -> models.ModelConfig:
   """``config.model`` validated (every key, type and combination), with the task's
   ``vocab_size``, ``num_classes`` and ``max_len`` filled in when ``task`` is given; a
-  config that sets one of those to another value raises."""
+  config that sets one of those to another value raises. (A sentence encoder may keep
+  its own ``max_len``, its position table, which must cover the task's.)"""
   values = c.model.to_dict()
   if task is not None:
+    if task.kind == "embedding" and values.get("max_len", task.max_len) < task.max_len:
+      raise ValueError(f"data.max_len={task.max_len} exceeds model.max_len="
+                       f"{values['max_len']} (the encoder's position table)")
     for key in TASK_MODEL_KEYS:
-      if key == "num_classes" and task.kind == "lm":
-        continue  # a language model predicts its vocabulary
+      if key == "num_classes" and task.kind in ("lm", "embedding"):
+        continue  # a language model predicts its vocabulary; an encoder has no classes
+      if key == "max_len" and task.kind == "embedding" and "max_len" in values:
+        continue
       value = getattr(task, key)
       if key in values and values[key] != value:
         raise ValueError(f"model.{key}={values[key]} contradicts data.task="
@@ -116,12 +126,18 @@ def model(c: ml_collections.ConfigDict, task: data_lib.TaskData | None = None
 def distill(section: Mapping[str, Any]) -> None:
   """``config.distill``: keys, types, and values that cannot work (``effx.distill``)."""
   values = dict(section)
-  if values.get("teacher_workdir", "") is None:
-    raise ValueError("distill.teacher_workdir is not set: pass --config.distill."
-                     "teacher_workdir=<the workdir of a finished effx.train run>")
+  for key, what in (("teacher_workdir", "the workdir of a finished effx.train run"),
+                    ("teacher_model", "a pretrained model folder")):
+    if values.get(key, "") is None:
+      raise ValueError(f"distill.{key} is not set: pass --config.distill.{key}=<{what}>")
   cli.check_section("distill", values, distill_lib.DEFAULTS)
-  for key in ("kd_weight", "ce_weight", "hidden_weight", "attention_weight",
-              "value_relation_weight", "attention_kl_weight", "relation_heads"):
+  if values.get("teacher_workdir") and values.get("teacher_model"):
+    raise ValueError(f"distill.teacher_workdir={values['teacher_workdir']!r} and "
+                     f"distill.teacher_model={values['teacher_model']!r} both name a "
+                     "teacher; set one")
+  for key in ("kd_weight", "ce_weight", "embedding_weight", "hidden_weight",
+              "attention_weight", "value_relation_weight", "attention_kl_weight",
+              "relation_heads"):
     if values.get(key, 0.0) < 0:
       raise ValueError(f"distill.{key}={values[key]} must be >= 0")
   if values.get("temperature", 1.0) <= 0:
@@ -129,14 +145,16 @@ def distill(section: Mapping[str, Any]) -> None:
   if values.get("hidden_loss", "mse") not in distill_lib.HIDDEN_LOSSES:
     raise ValueError(f"distill.hidden_loss={values['hidden_loss']!r}; one of "
                      f"{', '.join(distill_lib.HIDDEN_LOSSES)}")
-  if not values.get("teacher_workdir"):
-    changed = [k for k, default in distill_lib.DEFAULTS.items() if k != "teacher_workdir"
+  if not (values.get("teacher_workdir") or values.get("teacher_model")):
+    changed = [k for k, default in distill_lib.DEFAULTS.items()
+               if k not in ("teacher_workdir", "teacher_model")
                and workdir_lib.normalise(values.get(k, default))
                != workdir_lib.normalise(default)]
     if changed:
-      raise ValueError(f"{', '.join('distill.' + k for k in changed)} set but "
-                       "distill.teacher_workdir is empty: set the teacher's workdir, or "
-                       "leave the distill section at its defaults")
+      raise ValueError(f"{', '.join('distill.' + k for k in changed)} set but no teacher: set "
+                       "distill.teacher_workdir (a finished run) or distill.teacher_model (a "
+                       "pretrained model folder), or leave the distill section at its "
+                       "defaults")
 
 
 def prune(section: Mapping[str, Any], num_train_steps: int) -> None:

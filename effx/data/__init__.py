@@ -13,9 +13,12 @@
 | ``pathfinder`` | LRA release PNGs in ``data.dir``, else generated | 32 or 128 px |
 | ``lm`` | built-in text (``pydoc_data``), or enwik8 / text8 in ``data.dir`` | bytes, LM |
 | ``mqar`` | generated: multi-query associative recall (Arora et al., 2023) | LM |
+| ``sentences`` | prose of ``pydoc_data``, or text files in ``data.dir`` | unlabeled |
 
 Language-modelling tasks (``TaskData.kind == "lm"``) give per-token targets instead of a
-label (``effx.data.base``) and are trained by a causal LM.
+label (``effx.data.base``) and are trained by a causal LM. ``sentences``
+(``TaskData.kind == "embedding"``) has no labels: a sentence encoder is distilled on it
+toward a pretrained teacher (``effx.distill``).
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from effx import cli
-from effx.data import image, listops, lm, mqar, pathfinder, retrieval, text
+from effx.data import image, listops, lm, mqar, pathfinder, retrieval, sentences, text
 from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData
 
 # Keys every task accepts: task name, dataset folder (None: built-in default).
 COMMON = dict(task=None, dir=None)
 _MODULES = {"listops": listops, "text": text, "retrieval": retrieval, "image": image,
             "pathfinder": pathfinder, "lm": lm,
-            "mqar": mqar}
+            "mqar": mqar, "sentences": sentences}
 TASKS = {
     "listops": (listops.DEFAULTS, listops.load_task),
     "text": (text.DEFAULTS, text.load),
@@ -39,8 +42,18 @@ TASKS = {
     "pathfinder": (pathfinder.DEFAULTS, pathfinder.load),
     "lm": (lm.DEFAULTS, lm.load),
     "mqar": (mqar.DEFAULTS, mqar.load),
+    "sentences": (sentences.DEFAULTS, sentences.load),
 }
 LM_TASKS = ("lm", "mqar")  # trained by model.kind="causal_lm"
+
+
+def model_kind(task: str) -> str:
+  """The ``model.kind`` that trains on ``task``."""
+  if task == "retrieval":
+    return "dual_encoder"
+  if task in LM_TASKS:
+    return "causal_lm"
+  return "encoder" if task == "sentences" else "classifier"
 
 
 def defaults(task: str) -> dict[str, Any]:
@@ -86,6 +99,8 @@ def describe(data, seed: int) -> TaskData:
     return lm.describe(values)
   if task == "mqar":
     return TaskData({}, values["vocab_size"], 0, values["length"], kind="lm")
+  if task == "sentences":
+    return sentences.describe(values)
   return TaskData({}, BYTE_VOCAB, 2, values["max_len"], dual=task == "retrieval")
 
 
@@ -96,4 +111,4 @@ def load(data, seed: int) -> TaskData:
 
 
 __all__ = ["load", "describe", "defaults", "check_config", "TaskData", "DatasetMissingError",
-           "TASKS", "LM_TASKS"]
+           "TASKS", "LM_TASKS", "model_kind"]

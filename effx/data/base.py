@@ -37,7 +37,9 @@ class TaskData:
   num_classes: int
   max_len: int
   dual: bool = False  # examples carry ``inputs2`` (Retrieval)
-  kind: str = "classification"  # or "lm": per-token targets and ``reset`` (module doc)
+  # or "lm": per-token targets and ``reset`` (module doc); or "embedding": unlabeled
+  # text for a sentence encoder (targets 0).
+  kind: str = "classification"
   # Training reads the examples in order, unshuffled: example ``step * batch_size + row``
   # is the next segment of row ``row``'s stream (segment memory carries across steps).
   ordered: bool = False

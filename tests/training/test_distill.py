@@ -208,8 +208,8 @@ def test_bad_teachers_and_options_say_what_is_wrong(tmp_path):
                                      "model.reversible": True}))
   with pytest.raises(ValueError, match="layer_map=.5,. must give one teacher layer"):
     trainer.Run(_student(teacher, **{"distill.layer_map": (5,), "model.num_layers": 1}))
-  with pytest.raises(ValueError, match="distill.kd_weight set but distill.teacher_workdir "
-                                       "is empty"):
+  with pytest.raises(ValueError, match="distill.kd_weight set but no teacher: set "
+                                       "distill.teacher_workdir"):
     validate.config(tiny_config("lra_listops", **{"distill.kd_weight": 2.0}))
   with pytest.raises(ValueError, match="distill.hidden_loss='l1'"):
     validate.config(_student(teacher, **{"distill.hidden_loss": "l1"}))
