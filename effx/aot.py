@@ -56,7 +56,8 @@ def check(config, topology: str) -> dict[str, Any]:
 
   devices = topology_devices(topology)
   task = data_lib.describe(config.data, config.seed)
-  run = trainer.Run(config, evaluation_only=True, devices=devices, task=task)
+  # Without a distillation teacher: the student's own step is compiled.
+  run = trainer.Run(config, evaluation_only=True, devices=devices, task=task, teacher=False)
   step = jax.jit(
       functools.partial(steps.train_step, objective=run.objective, tx=run.tx,
                         schedule=run.schedule, dropout_key=run.dropout_key,

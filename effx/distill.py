@@ -215,7 +215,7 @@ class PretrainedTeacher(Teacher):
 
     where = f"distill.teacher_model={folder!r}"
     try:
-      loaded = pretrained.load(folder, max_length=pretrained.max_seq_length(folder))
+      loaded = pretrained.load(folder)
     except pretrained.PretrainedError as error:
       raise pretrained.PretrainedError(f"{where}: {error}") from None
     if student_model_config.kind != "encoder":
@@ -231,6 +231,35 @@ class PretrainedTeacher(Teacher):
     self.step = 0
     self.sha256 = params_sha256(self.variables["params"])
     self.workdir = os.path.abspath(loaded.folder)
+    self.tokenizer_file = os.path.join(self.workdir, "tokenizer.json")
+
+  def record(self, workdir: str) -> None:
+    """Writes ``workdir/teacher.json``; on a resume, refuses a teacher whose weights
+    changed."""
+    path = os.path.join(workdir, "teacher.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+      if stored["params_sha256"] != self.sha256:
+        raise workdir_lib.ConfigMismatchError(
+            f"the model in {self.workdir} (parameters {self.sha256[:12]}...) is not the "
+            f"teacher this run was distilled from ({stored['workdir']}, parameters "
+            f"{stored['params_sha256'][:12]}...); use another --workdir for the new teacher")
+    if jax.process_index() == 0:
+      workdir_lib.write_json_atomic(path, {"workdir": self.workdir, "best_step": 0,
+                                           "params_sha256": self.sha256})
+
+
+def _same_tokenizer(data: dict, teacher: PretrainedTeacher) -> None:
+  """The sentences task must be tokenized as the teacher tokenizes."""
+  from effx import pretrained  # noqa: PLC0415
+
+  folder = data.get("tokenizer") or pretrained.default_folder()
+  mine = os.path.join(os.path.expanduser(folder), "tokenizer.json")
+  with open(mine, "rb") as a, open(teacher.tokenizer_file, "rb") as b:
+    if a.read() != b.read():
+      raise ValueError(f"data.tokenizer={folder!r} is not the teacher's tokenizer "
+                       f"({teacher.tokenizer_file}); tokenize with the teacher's folder")
 
 
 def init_student(student_params, teacher_params, layer_map: tuple[int, ...]):
@@ -416,17 +445,14 @@ def setup(config, task, student_model_config, student_model):
   if options.teacher_model:
     teacher = PretrainedTeacher(os.path.expanduser(options.teacher_model),
                                 student_model_config)
+    if config.data.task == "sentences":
+      _same_tokenizer(config.data.to_dict(), teacher)
   elif options.teacher_workdir:
     teacher = Teacher(os.path.expanduser(options.teacher_workdir), config.data.to_dict(),
                       task, student_model_config)
   else:
     return None, None
   embedding = student_model_config.kind == "encoder"
-  if embedding and (options.kd_weight or options.ce_weight):
-    raise ValueError(f"distill.kd_weight={options.kd_weight} / ce_weight={options.ce_weight}: "
-                     "a sentence encoder has neither logits nor labels; set both to 0 and "
-                     "use distill.embedding_weight (and hidden / attention / value-relation "
-                     "losses)")
   if options.embedding_weight and not embedding:
     raise ValueError("distill.embedding_weight compares sentence embeddings: it needs "
                      f"model.kind='encoder' (this student is {student_model_config.kind!r})")

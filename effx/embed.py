@@ -43,10 +43,16 @@ def read_lines(path: str) -> list[str]:
     raise FileNotFoundError(f"--input={path!r}: no such file (a text file, one text per "
                             "line)")
   try:
-    with open(path, encoding="utf-8") as f:
-      return f.read().splitlines()
+    with open(path, encoding="utf-8", newline="") as f:
+      text = f.read()
   except UnicodeDecodeError as error:
     raise ValueError(f"--input={path!r} is not UTF-8 text ({error})") from None
+  # Lines end at "\n" (or "\r\n") only: str.splitlines would also split at form feeds
+  # and Unicode separators inside a text, shifting rows against the file's lines.
+  lines = text.split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  return [line.removesuffix("\r") for line in lines]
 
 
 def write(path: str, texts: list[str], vectors, *, overwrite: bool = False) -> None:

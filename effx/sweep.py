@@ -287,7 +287,8 @@ def _read_results(workdir: str) -> dict[str, Any] | None:
   if not files.exists(path):
     return None
   values = json.loads(files.read_text(path))
-  keep = ("test_accuracy", "eval_accuracy", "test_bpb", "eval_bpb", "best_step", "step",
+  keep = ("test_accuracy", "eval_accuracy", "test_bpb", "eval_bpb", "test_cosine",
+          "eval_cosine", "best_step", "step",
           "wall_time_s", "peak_memory_bytes", "num_parameters")
   return {k: values[k] for k in keep if k in values}
 
@@ -545,6 +546,7 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
                  "status": trial.status,
                  "test_accuracy": r.get("test_accuracy"), "eval_accuracy": r.get("eval_accuracy"),
                  "test_bpb": r.get("test_bpb"), "eval_bpb": r.get("eval_bpb"),
+                 "test_cosine": r.get("test_cosine"), "eval_cosine": r.get("eval_cosine"),
                  "best_step": r.get("best_step"), "steps_per_s": steps_per_s,
                  "peak_memory_mb": (r["peak_memory_bytes"] / 2**20
                                     if r.get("peak_memory_bytes") else None),
@@ -554,9 +556,13 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
   writer.writeheader()
   writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
   files.write_text_atomic(os.path.join(workdir, "results.csv"), text.getvalue())
-  # Language models are chosen by bits per byte: show those columns instead.
-  metric = ("bpb" if any(r["test_bpb"] is not None for r in rows)
-            and all(r["test_accuracy"] is None for r in rows) else "accuracy")
+  # Language models are chosen by bits per byte, distilled sentence encoders by their
+  # cosine to the teacher: show those columns instead.
+  metric = "accuracy"
+  for other in ("bpb", "cosine"):
+    if (any(r[f"test_{other}"] is not None for r in rows)
+        and all(r["test_accuracy"] is None for r in rows)):
+      metric = other
   shown = ["trial", *keys, "status", f"test_{metric}", f"eval_{metric}", "steps_per_s",
            "peak_memory_mb"]
   lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
@@ -566,7 +572,7 @@ def report(workdir: str, manifest: Manifest) -> list[str]:
       v = row[k]
       if k in ("test_accuracy", "eval_accuracy"):
         v = "" if v is None else f"{100 * v:.1f}%"
-      elif k in ("test_bpb", "eval_bpb"):
+      elif k in ("test_bpb", "eval_bpb", "test_cosine", "eval_cosine"):
         v = "" if v is None else f"{v:.4f}"
       elif k in ("steps_per_s", "peak_memory_mb"):
         v = "" if v is None else f"{v:.1f}"
@@ -686,12 +692,14 @@ def _plot_curves(workdir: str, manifest: Manifest):
   for trial in manifest.trials:
     if not files.exists(os.path.join(workdir, trial.name, "metrics.jsonl")):
       continue
-    points = [(p["step"], 100 * p["accuracy"]) for p in metrics.read(
-        os.path.join(workdir, trial.name)) if p.get("split") == "validation" and "accuracy" in p]
+    validation = [p for p in metrics.read(os.path.join(workdir, trial.name))
+                  if p.get("split") == "validation"]
+    key = "accuracy" if any("accuracy" in p for p in validation) else "cosine"
+    points = [(p["step"], 100 * p[key]) for p in validation if key in p]
     if points:
       ax.plot(*zip(*points), marker="o", ms=3, label=f"{trial.name} ({trial.status})")
   ax.set_xlabel("step")
-  ax.set_ylabel("validation accuracy (%)")
+  ax.set_ylabel("validation accuracy (%; encoders: cosine to the teacher x 100)")
   ax.set_title(f"sweep {manifest.sweep or '(default)'}: validation curves", fontsize=10)
   ax.grid(True, alpha=0.3)
   if ax.lines:

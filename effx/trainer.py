@@ -107,10 +107,14 @@ class Run:
   """A model, its sharded state and compiled steps for one config (training or eval)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, evaluation_only: bool = False,
-               devices=None, task: data_lib.TaskData | None = None):
-    """``evaluation_only``: no training extras (a distillation teacher is not loaded).
-    ``devices``: the mesh's devices (default: all of this process's job's); ``task``:
-    the task's data or only its sizes (``data.describe``), instead of loading it."""
+               devices=None, task: data_lib.TaskData | None = None,
+               teacher: bool | None = None):
+    """``evaluation_only``: no training extras (a distillation teacher is not loaded,
+    except that a sentence encoder is evaluated against its teacher). ``devices``: the
+    mesh's devices (default: all of this process's job's); ``task``: the task's data or
+    only its sizes (``data.describe``), instead of loading it; ``teacher``: whether to
+    load the distillation teacher (None: as ``evaluation_only`` says; ahead-of-time
+    compilation passes False, compiling the step without it)."""
     validate.config(config, None if devices is None else len(devices))
     self.config = config
     self.task = task if task is not None else data_lib.load(config.data, config.seed)
@@ -161,9 +165,11 @@ class Run:
       self.objective = objectives.Classification(self.model)
     self.extra = None  # what the objective needs besides the state (a teacher)
     objective, self.teacher = None, None
-    # A distilled sentence encoder is evaluated against its teacher, so evaluation needs
-    # it too.
-    if not evaluation_only or self.task.kind == "embedding":
+    if teacher is None:
+      # A distilled sentence encoder is evaluated against its teacher, so evaluation
+      # needs it too.
+      teacher = not evaluation_only or self.task.kind == "embedding"
+    if teacher:
       objective, self.teacher = distill.setup(config, self.task, self.model_config,
                                               self.model)
     if objective is not None:

@@ -68,6 +68,17 @@ def config(c: ml_collections.ConfigDict, device_count: int | None = None) -> Non
     raise ValueError(f"data.task={c.data.task!r} has no labels: it trains a sentence encoder "
                      "toward a teacher; set distill.teacher_model (a pretrained model "
                      "folder) or distill.teacher_workdir")
+  if expected_kind == "encoder":
+    if c.distill.kd_weight or c.distill.ce_weight:
+      raise ValueError(f"distill.kd_weight={c.distill.kd_weight} / ce_weight="
+                       f"{c.distill.ce_weight}: a sentence encoder has neither logits nor "
+                       "labels; set both to 0 and use distill.embedding_weight (and hidden / "
+                       "attention / value-relation losses)")
+    weights = ("embedding_weight", "hidden_weight", "attention_weight",
+               "value_relation_weight", "attention_kl_weight")
+    if not any(c.distill[k] for k in weights):
+      raise ValueError(f"every loss weight of the sentence encoder is 0: set at least one "
+                       f"of {', '.join('distill.' + k for k in weights)}")
   quant(c.quant)
   quant_lib.check_model(c.quant, model(c))
   mesh = sharding.mesh_shape(c.mesh, device_count or jax.device_count())

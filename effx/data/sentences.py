@@ -12,7 +12,7 @@ student and teacher both read.
   reads). Paragraphs that are code or grammar (indented lines, ``>>>`` prompts, ``::=``
   rules) are dropped; the rest is split after ``.``, ``!`` or ``?`` before a capital or
   a quote, and sentences of ``min_words`` to 50 words ending in ``.!?:`` are kept:
-  1,616 sentences in CPython 3.11.7. In corpus order, sentence ``i`` goes to validation
+  1,616 sentences in CPython 3.11.7 (the count follows the Python release). In corpus order, sentence ``i`` goes to validation
   when ``i % 10 == 8``, to test when ``i % 10 == 9``, else to train (80 / 10 / 10).
 * ``data.dir`` set: ``train.txt``, ``validation.txt`` and ``test.txt`` there, one text
   per line (empty lines skipped).
@@ -112,7 +112,9 @@ class TokenSource:
 def _folder(data) -> str:
   from effx import pretrained  # noqa: PLC0415 (imports the models)
 
-  return pretrained.default_folder() if data["tokenizer"] is None else data["tokenizer"]
+  if data["tokenizer"] is None:
+    return pretrained.default_folder()
+  return os.path.expanduser(data["tokenizer"])
 
 
 def load(data, seed: int) -> TaskData:

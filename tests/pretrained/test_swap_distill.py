@@ -3,6 +3,7 @@ original in the one training loop: the sentences task, the encoder objective aga
 independent cosine, the whole run on a tiny checkpoint, and bad configs."""
 
 import json
+import os
 import pathlib
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 
 from effx import cli, distill, pretrained, trainer
 from effx.data import sentences
+from conftest import SPECIAL, WORDS, write_folder, write_tokenizer
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "pretrained_swap.py"
 TEXTS = ["the man is playing the guitar .", "a dog runs fast !", "big red house , small tree",
@@ -120,6 +122,9 @@ def test_swapped_student_distils_toward_the_teacher(tiny_bert, text_dir, tmp_pat
 
 @pytest.mark.parametrize("overrides,message", [
     ({"distill.kd_weight": 1.0}, "has neither logits nor labels"),
+    ({"distill.embedding_weight": 0.0, "distill.hidden_weight": 0.0,
+      "distill.attention_weight": 0.0, "distill.value_relation_weight": 0.0},
+     "every loss weight of the sentence encoder is 0"),
     ({"distill.teacher_workdir": "/tmp/x"}, "both name a teacher"),
     ({"distill.teacher_model": ""}, "set but no teacher"),
     ({"model.norm": "pre"}, r"model.norm='pre' \(teacher 'post'\)"),
@@ -129,3 +134,10 @@ def test_swapped_student_distils_toward_the_teacher(tiny_bert, text_dir, tmp_pat
 def test_bad_swap_configs_get_one_clear_message(tiny_bert, text_dir, overrides, message):
   with pytest.raises(ValueError, match=message):
     trainer.Run(_config(tiny_bert, text_dir, **overrides))
+
+
+def test_data_must_be_tokenized_by_the_teachers_tokenizer(tiny_bert, text_dir, tmp_path):
+  other = write_folder(tmp_path / "other")
+  write_tokenizer(os.path.join(other, "tokenizer.json"), SPECIAL + WORDS[::-1])
+  with pytest.raises(ValueError, match="is not the teacher's tokenizer"):
+    trainer.Run(_config(tiny_bert, text_dir, **{"data.tokenizer": other}))
