@@ -520,12 +520,12 @@ def submit_slurm(spec: str, workdir: str, manifest: Manifest, *, resubmit: bool 
 
 def refresh(workdir: str, manifest: Manifest) -> None:
   """Marks done every trial whose workdir holds results (trials run by another launcher
-  or another invocation)."""
+  or another invocation), and reads every finished trial's results again (its
+  ``results.json`` is the record; a newer effx may report more of it)."""
   for trial in manifest.trials:
-    if trial.status != "done":
-      results = _read_results(os.path.join(workdir, trial.name))
-      if results is not None:
-        trial.status, trial.error, trial.results = "done", "", results
+    results = _read_results(os.path.join(workdir, trial.name))
+    if results is not None:
+      trial.status, trial.error, trial.results = "done", "", results
 
 
 # LRA's column names and order (Tay et al. 2021, Table 1), by config file.
