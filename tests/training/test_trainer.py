@@ -31,7 +31,7 @@ def _train_losses(workdir):
     ("lra_listops", {"model.dtype": "bfloat16"}),
     ("lra_pathfinder", {"data.num_train": 16, "data.num_valid": 16, "data.num_test": 16}),
     ("lra_pathx", {"data.num_train": 8, "data.num_valid": 8, "data.num_test": 8,
-                   "num_train_steps": 20, "batch_size": 4}),
+                   "num_train_steps": 10, "batch_size": 4}),
 ])
 def test_generated_tasks_train_and_loss_falls(tmp_path, name, overrides):
   config = tiny_config(name, **overrides)
