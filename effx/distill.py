@@ -197,13 +197,15 @@ class Teacher:
       with open(path, encoding="utf-8") as f:
         stored = json.load(f)
       if stored["params_sha256"] != self.sha256:
-        raise workdir_lib.ConfigMismatchError(
-            f"the teacher in {self.workdir} (best step {self.step}) is not the one this run "
+        raise workdir_lib.ConfigMismatchError(self._changed(stored))
+    if jax.process_index() == 0:
+      workdir_lib.write_json_atomic(path, mine)
+
+  def _changed(self, stored: dict) -> str:
+    return (f"the teacher in {self.workdir} (best step {self.step}) is not the one this run "
             f"was distilled from (best step {stored['best_step']}, parameters "
             f"{stored['params_sha256'][:12]}..., now {self.sha256[:12]}...); use another "
             "--workdir for the new teacher")
-    if jax.process_index() == 0:
-      workdir_lib.write_json_atomic(path, mine)
 
 
 class PretrainedTeacher(Teacher):
@@ -233,21 +235,10 @@ class PretrainedTeacher(Teacher):
     self.workdir = os.path.abspath(loaded.folder)
     self.tokenizer_file = os.path.join(self.workdir, "tokenizer.json")
 
-  def record(self, workdir: str) -> None:
-    """Writes ``workdir/teacher.json``; on a resume, refuses a teacher whose weights
-    changed."""
-    path = os.path.join(workdir, "teacher.json")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
-      if stored["params_sha256"] != self.sha256:
-        raise workdir_lib.ConfigMismatchError(
-            f"the model in {self.workdir} (parameters {self.sha256[:12]}...) is not the "
+  def _changed(self, stored: dict) -> str:
+    return (f"the model in {self.workdir} (parameters {self.sha256[:12]}...) is not the "
             f"teacher this run was distilled from ({stored['workdir']}, parameters "
             f"{stored['params_sha256'][:12]}...); use another --workdir for the new teacher")
-    if jax.process_index() == 0:
-      workdir_lib.write_json_atomic(path, {"workdir": self.workdir, "best_step": 0,
-                                           "params_sha256": self.sha256})
 
 
 def _same_tokenizer(data: dict, teacher: PretrainedTeacher) -> None:

@@ -86,3 +86,14 @@ class _Bound:
     rngs = None if rng is None else {"dropout": rng}
     return self._apply(self.variables, q, k, v, mask=mask, deterministic=deterministic,
                        rngs=rngs)
+
+
+def set_keys(config, overrides):
+  """Sets dotted keys (``"model.attention"``) of a ConfigDict in place; returns it."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

@@ -14,6 +14,7 @@ import pytest
 from effx import cli, distill, pretrained, trainer
 from effx.data import sentences
 from conftest import SPECIAL, WORDS, write_folder, write_tokenizer
+from support import set_keys
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "pretrained_swap.py"
 TEXTS = ["the man is playing the guitar .", "a dog runs fast !", "big red house , small tree",
@@ -82,13 +83,7 @@ def _config(folder, data_dir, **overrides):
   config.update(dict(batch_size=4, num_train_steps=6, eval_every_steps=3,
                      checkpoint_every_steps=3, log_every_steps=3, warmup_steps=1,
                      learning_rate=3e-3))
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_keys(config, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import pathlib
 import pytest
 
 from effx import cli
+from support import set_keys
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -14,13 +15,7 @@ def tiny_config(name: str, **overrides):
                      weight_decay=0.0, num_train_steps=30, eval_every_steps=15,
                      checkpoint_every_steps=10, log_every_steps=5, max_eval_examples=16))
   config.model.update(dropout_rate=0.0, attention_dropout_rate=0.0)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_keys(config, overrides)
 
 
 @pytest.fixture
