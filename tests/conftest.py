@@ -15,6 +15,7 @@ if _FAST_COMPILE.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -22,13 +23,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+  """A tiny random BERT checkpoint folder in Hugging Face's format (``tiny_bert.py``)."""
+  from tiny_bert import write_folder  # noqa: PLC0415
+
+  return write_folder(tmp_path_factory.mktemp("tiny_bert"))
+
+
 def pytest_collection_modifyitems(config, items):
   """Tests marked ``gpu`` run only where JAX has a GPU."""
   del config
   if jax.default_backend() == "gpu":
     return
-  import pytest  # noqa: PLC0415
-
   skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() is not 'gpu')")
   for item in items:
     if "gpu" in item.keywords:

@@ -14,7 +14,7 @@ import pytest
 
 from effx import embed, models, pretrained
 from effx.attention import registry
-from conftest import VOCAB, numpy_bert, tiny_weights, write_folder
+from tiny_bert import VOCAB, numpy_bert, tiny_weights, write_folder
 
 GOLDEN = pathlib.Path(__file__).parent / "golden_minilm.json"
 TEXTS = ["The man is playing the guitar.", "a dog runs fast!", "big red house , small tree",

@@ -13,7 +13,7 @@ import pytest
 
 from effx import cli, distill, pretrained, trainer
 from effx.data import sentences
-from conftest import SPECIAL, WORDS, write_folder, write_tokenizer
+from tiny_bert import SPECIAL, WORDS, write_folder, write_tokenizer
 from support import set_keys
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "pretrained_swap.py"

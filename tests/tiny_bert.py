@@ -6,7 +6,6 @@ import math
 import os
 
 import numpy as np
-import pytest
 
 WORDS = ["the", "a", "man", "is", "play", "##ing", "guitar", "dog", "cat", "runs", "fast",
          "slow", "music", "and", "on", "in", "of", "to", "##s", "red", "blue", "big", "small",
@@ -100,11 +99,6 @@ def write_folder(folder, *, config=None, weights=None, pooling="mean", normalize
     with open(os.path.join(folder, "sentence_bert_config.json"), "w") as f:
       json.dump({"max_seq_length": max_seq_length, "do_lower_case": False}, f)
   return str(folder)
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-  return write_folder(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def numpy_bert(weights, ids, token_types=None, *, pooling="mean", normalize=True,
