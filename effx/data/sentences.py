@@ -12,8 +12,9 @@ student and teacher both read.
   reads). Paragraphs that are code or grammar (indented lines, ``>>>`` prompts, ``::=``
   rules) are dropped; the rest is split after ``.``, ``!`` or ``?`` before a capital or
   a quote, and sentences of ``min_words`` to 50 words ending in ``.!?:`` are kept:
-  1,616 sentences in CPython 3.11.7 (the count follows the Python release). In corpus order, sentence ``i`` goes to validation
-  when ``i % 10 == 8``, to test when ``i % 10 == 9``, else to train (80 / 10 / 10).
+  1,616 sentences in CPython 3.11.7 (the count follows the Python release). In corpus
+  order, sentence ``i`` goes to validation when ``i % 10 == 8``, to test when
+  ``i % 10 == 9``, else to train (80 / 10 / 10).
 * ``data.dir`` set: ``train.txt``, ``validation.txt`` and ``test.txt`` there, one text
   per line (empty lines skipped).
 
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from effx.data.base import SPLITS, TaskData
+from effx.data.base import SPLITS, TaskData, pad
 
 DEFAULTS = dict(tokenizer=None, max_len=64, min_words=6)
 MAX_WORDS = 50
@@ -130,9 +131,7 @@ def load(data, seed: int) -> TaskData:
   texts = read_splits(data["dir"]) if data["dir"] else builtin_splits(data["min_words"])
   splits = {}
   for name, split in texts.items():
-    tokens = np.zeros((len(split), data["max_len"]), np.int32)
-    for i, ids in enumerate(tokenizer.ids(split)):
-      tokens[i, :len(ids)] = ids
+    tokens = np.stack([pad(ids, data["max_len"]) for ids in tokenizer.ids(split)])
     splits[name] = TokenSource(split, tokens)
   return TaskData(splits, vocab_size=vocab_size, num_classes=0, max_len=data["max_len"],
                   kind="embedding")
