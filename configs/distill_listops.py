@@ -1,4 +1,4 @@
-"""Distil a ListOps teacher into a smaller student (``effx.distill``).
+"""Distil a ListOps teacher into a smaller student (``effx.compress.distill``).
 
 The teacher is a finished run of ``configs/lra_listops.py`` at the same size (the
 student trains on the teacher's data, so the sizes must match):

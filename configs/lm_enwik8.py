@@ -18,7 +18,7 @@ minutes on a 2-core CPU) and ``:tiny`` (a smoke test) read the built-in corpus
   python -m effx.sample --workdir=/tmp/lm_small --prompt="The for statement"
 """
 
-from effx import defaults
+from effx.training import defaults
 
 
 def get_config(size=None):

@@ -7,7 +7,7 @@ no weight decay, dropout 0.3, attention dropout 0.2.
   python -m effx.train --config=configs/lra_image.py --workdir=/tmp/image
 """
 
-from effx import defaults
+from effx.training import defaults
 
 
 def get_config(size=None):

@@ -12,7 +12,7 @@ published results did (see ``effx/data/listops.py``).
       --config.data.dir=<lra_release>/lra_release/listops-1000 --config.data.tokenizer=lra
 """
 
-from effx import defaults
+from effx.training import defaults
 
 
 def get_config(size=None):

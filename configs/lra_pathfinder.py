@@ -14,7 +14,7 @@ release's splits are used whole.
       --workdir=/tmp/pathfinder_release
 """
 
-from effx import defaults
+from effx.training import defaults
 
 
 def get_config(arg=None):

@@ -15,7 +15,7 @@ last. The sizes shrink the generated splits; with ``dir`` the release's are used
       --workdir=/tmp/pathx_release --config.model.attention=performer
 """
 
-from effx import defaults
+from effx.training import defaults
 
 
 def get_config(arg=None):

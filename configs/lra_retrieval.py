@@ -9,7 +9,7 @@ The AAN TSV files come from the LRA release (see ``effx.data.retrieval``).
       --config.data.dir=<lra_release>/lra_release/tsv_data
 """
 
-from effx import defaults
+from effx.training import defaults
 
 
 def get_config(size=None):

@@ -8,7 +8,7 @@ length 4000 as in the paper (the repository's config used 1000).
       --config.data.dir=~/tensorflow_datasets
 """
 
-from effx import defaults
+from effx.training import defaults
 
 
 def get_config(size=None):

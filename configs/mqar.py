@@ -16,7 +16,7 @@ hour on one core); results in ``experiments/results/cpu/mqar/``.
       --workdir=/tmp/mqar_sweep --parallel=1
 """
 
-from effx import defaults
+from effx.training import defaults
 
 # Sequence length of the default config and of the sweep (the query region needs
 # 2 * num_pairs tokens after the 2 * num_pairs of the context: pairs <= LENGTH / 4).

@@ -5,7 +5,7 @@ installed by README's set-up command) with ``model.attention`` replaced, initial
 from the checkpoint (``distill.init_from_teacher``); the teacher is the same checkpoint
 with its own dense attention. Both read unlabeled sentences (``data.task="sentences"``:
 the built-in corpus' prose, or ``data.dir``'s text files), tokenized by the model's
-tokenizer, at most 64 tokens. Losses (``effx.distill``): attention-output transfer on
+tokenizer, at most 64 tokens. Losses (``effx.compress.distill``): attention-output transfer on
 every layer (T2R / LoLCATs' first stage), hidden states (MSE), MiniLM's value relation,
 and ``1 - cos`` of the sentence embeddings; validation and the best checkpoint use the
 embeddings' mean cosine similarity to the teacher's.
@@ -20,7 +20,8 @@ embeddings' mean cosine similarity to the teacher's.
 --workdir=/tmp/swap_sweep``); ``experiments/pretrained_swap.py`` makes the results table.
 """
 
-from effx import defaults, pretrained
+from effx.training import defaults
+from effx import pretrained
 
 # Budgets about a quarter of a typical sentence (20 to 40 tokens), so that no family
 # covers every pair of a sentence (blockwise is exact: the control).

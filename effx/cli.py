@@ -1,4 +1,11 @@
-"""Config files and ``--config.a.b=value`` overrides, with errors that name the key.
+"""How every effx command runs: flags, config files, overrides and one-line errors.
+
+An entry module (``python -m effx.train``, ``effx.evaluate``, ...) defines its absl flags
+in ``define_flags()``, does its work in ``main()`` by calling a library function, and
+ends with ``cli.run(define_flags, main)``: flags parsed by absl, ``--config.a.b=value``
+overrides set aside for ``main`` where the command takes a config, library INFO lines
+filtered, and a user error printed as one line (``EFFX_TRACEBACK=1`` shows the
+traceback).
 
 ``ml_collections``' own config flag reports an unknown override key as a bare
 ``AttributeError`` and cannot add keys; effx parses overrides itself so that a typo
@@ -17,46 +24,11 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from absl import logging as absl_logging
 import ml_collections
+from absl import app
+from absl import logging as absl_logging
 
 OPEN_MAPPINGS = ("model.attention_kwargs",)
-
-
-def check_section(section: str, values, defaults, *, context: str = "") -> None:
-  """The one rule for every config section's keys and types: unknown keys and values of
-  another type than the default's raise, naming the key. A bool only for a bool; an int
-  (not a bool) for an int; a number for a float; a string for a string; a sequence of
-  ints for a tuple; a mapping for a dict; a key whose default is None takes any value
-  (its section checks it). ``context`` is added to the unknown-key message."""
-  values = dict(values)
-  unknown = sorted(set(values) - set(defaults))
-  if unknown:
-    where = f" ({context})" if context else ""
-    raise ValueError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}"
-                     f"{where}; valid: {', '.join(defaults)}")
-  for key, default in defaults.items():
-    if key not in values or default is None:
-      continue
-    value = values[key]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, bool):
-      ok, kind = isinstance(value, bool), "a bool"
-    elif isinstance(default, float):
-      ok, kind = number, "a number"
-    elif isinstance(default, int):
-      ok, kind = number and isinstance(value, int), "an int"
-    elif isinstance(default, str):
-      ok, kind = isinstance(value, str), "a string"
-    elif isinstance(default, tuple):
-      ok, kind = isinstance(value, (tuple, list)) and all(
-          isinstance(i, int) and not isinstance(i, bool) for i in value), "a sequence of ints"
-    elif isinstance(default, dict):
-      ok, kind = hasattr(value, "keys"), "a mapping"
-    else:
-      ok, kind = isinstance(value, type(default)), f"a {type(default).__name__}"
-    if not ok:
-      raise TypeError(f"{section}.{key}={value!r} must be {kind}")
 
 
 def load_module(spec: str):
@@ -177,3 +149,54 @@ def user_errors_in_one_line(main: Callable[..., None]) -> Callable[..., None]:
       sys.exit(130)
 
   return wrapped
+
+
+_DEFINED: set[Callable[[], None]] = set()
+
+
+def run(define_flags: Callable[[], None], main: Callable[..., int | None], argv=None, *,
+        overrides: bool = False) -> int:
+  """Runs an entry point.
+
+  Args:
+    define_flags: defines the command's absl flags (once per process).
+    main: the command; called as ``main()``, or ``main(overrides)`` with the
+      ``(dotted key, value text)`` pairs of the ``--config.*`` arguments when
+      ``overrides`` is set. Returns the exit status (None: 0).
+    argv: the arguments after the program name (default: ``sys.argv[1:]``). Given,
+      the status is returned instead of exiting: a command can be run from Python.
+    overrides: whether the command takes ``--config.key=value`` overrides.
+
+  A user error (``USER_ERRORS``) prints ``error: <message>`` and exits with 1; Ctrl-C
+  outside the training loop exits with 130.
+  """
+  called = argv is not None
+  argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+  if define_flags not in _DEFINED:
+    define_flags()
+    _DEFINED.add(define_flags)
+  found: list[tuple[str, str]] = []
+  if overrides:
+    try:
+      argv, found = split_overrides(argv)
+    except ValueError as error:
+      sys.stderr.write(f"error: {error}\n")
+      if called:
+        return 1
+      sys.exit(1)
+
+  def program(rest):
+    if len(rest) > 1:
+      raise app.UsageError(f"unexpected argument(s): {' '.join(rest[1:])}")
+    quiet_libraries()
+    call = user_errors_in_one_line(main)
+    return (call(found) if overrides else call()) or 0
+
+  try:
+    app.run(program, argv=argv)
+  except SystemExit as done:
+    if not called:
+      raise
+    return done.code or 0
+  return 0
+

@@ -13,16 +13,16 @@ An existing output is not overwritten unless ``--overwrite``.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 
-from absl import app, flags
+from absl import flags
+
+from effx import cli
 
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   flags.DEFINE_string("input", None, "text file, one text per line", required=True)
   flags.DEFINE_string("model", None, "Hugging Face-format model folder (config.json, "
                       "model.safetensors, tokenizer.json); default: all-MiniLM-L6-v2 from "
@@ -37,72 +37,6 @@ def _define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "replace an existing output file")
 
 
-def read_lines(path: str) -> list[str]:
-  """The lines of a UTF-8 text file, without their line ends."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--input={path!r}: no such file (a text file, one text per "
-                            "line)")
-  try:
-    with open(path, encoding="utf-8", newline="") as f:
-      text = f.read()
-  except UnicodeDecodeError as error:
-    raise ValueError(f"--input={path!r} is not UTF-8 text ({error})") from None
-  # Lines end at "\n" (or "\r\n") only: str.splitlines would also split at form feeds
-  # and Unicode separators inside a text, shifting rows against the file's lines.
-  lines = text.split("\n")
-  if lines and lines[-1] == "":
-    lines.pop()
-  return [line.removesuffix("\r") for line in lines]
-
-
-def write(path: str, texts: list[str], vectors, *, overwrite: bool = False) -> None:
-  """Writes ``vectors`` to ``path`` (``.npy`` or ``.jsonl``) atomically."""
-  import numpy as np  # noqa: PLC0415
-
-  if not path.endswith((".npy", ".jsonl")):
-    raise ValueError(f"--output={path!r} must end in .npy or .jsonl")
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"--output={path!r} exists; pass --overwrite to replace it, or "
-                          "choose another --output")
-  folder = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"--output={path!r}: folder {folder!r} does not exist")
-  with tempfile.NamedTemporaryFile("wb", dir=folder, suffix=".tmp", delete=False) as f:
-    if path.endswith(".npy"):
-      np.save(f, np.asarray(vectors, np.float32))
-    else:
-      for text, vector in zip(texts, vectors):
-        line = json.dumps({"text": text, "embedding": [float(x) for x in vector]},
-                          ensure_ascii=False)
-        f.write((line + "\n").encode("utf-8"))
-    f.flush()
-    os.fsync(f.fileno())
-  os.chmod(f.name, 0o644)
-  os.replace(f.name, path)
-
-
-def embed_file(input_path: str, output: str | None = None, *, model: str | None = None,
-               attention: str = "dense", attention_kwargs: dict | None = None,
-               batch_size: int = 64, max_length: int | None = None,
-               overwrite: bool = False, progress: bool = False) -> str:
-  """Embeds every line of ``input_path`` and writes them to ``output``; returns its path."""
-  from effx import pretrained  # noqa: PLC0415
-
-  output = output or os.path.splitext(input_path)[0] + ".npy"
-  if os.path.abspath(output) == os.path.abspath(input_path):
-    raise ValueError(f"--output={output!r} is the input file")
-  if os.path.exists(output) and not overwrite:  # before the model loads
-    raise FileExistsError(f"--output={output!r} exists; pass --overwrite to replace it, or "
-                          "choose another --output")
-  texts = read_lines(input_path)
-  if not texts:
-    raise ValueError(f"--input={input_path!r} is empty")
-  loaded = pretrained.load(model, attention, attention_kwargs, max_length=max_length)
-  vectors = loaded.embed(texts, batch_size=batch_size, progress=progress)
-  write(output, texts, vectors, overwrite=overwrite)
-  return output
-
-
 def _kwargs(text: str) -> dict:
   try:
     value = json.loads(text)
@@ -114,26 +48,18 @@ def _kwargs(text: str) -> dict:
   return value
 
 
-def main(argv):
-  del argv
-  from effx import cli  # noqa: PLC0415
+def main() -> None:
+  from effx.pretrained import embed  # noqa: PLC0415 (jax: not needed by --help)
 
-  cli.user_errors_in_one_line(_main)()
-
-
-def _main():
-  from effx import cli  # noqa: PLC0415
-
-  cli.quiet_libraries()
   if FLAGS.batch_size <= 0:
     raise ValueError(f"--batch_size={FLAGS.batch_size} must be positive")
-  path = embed_file(FLAGS.input, FLAGS.output, model=FLAGS.model, attention=FLAGS.attention,
-                    attention_kwargs=_kwargs(FLAGS.attention_kwargs),
-                    batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
-                    overwrite=FLAGS.overwrite, progress=sys.stderr.isatty())
+  path = embed.embed_file(FLAGS.input, FLAGS.output, model=FLAGS.model,
+                          attention=FLAGS.attention,
+                          attention_kwargs=_kwargs(FLAGS.attention_kwargs),
+                          batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
+                          overwrite=FLAGS.overwrite, progress=sys.stderr.isatty())
   sys.stdout.write(f"wrote {path}\n")
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run(define_flags, main)

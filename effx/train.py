@@ -14,53 +14,39 @@ Multi-host: pass ``--coordinator_address``, ``--num_processes`` and ``--process_
 
 from __future__ import annotations
 
-import sys
-
-from absl import app, flags
+from absl import flags
 
 from effx import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "config file, optionally with an argument: "
-                    "configs/lra_text.py:tiny", required=True)
-flags.DEFINE_string("workdir", None, "checkpoints, metrics and results go here",
-                    required=True)
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
-flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
-flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
-
-_OVERRIDES: list[tuple[str, str]] = []
 
 
-def initialize_distributed() -> None:
-  import jax  # noqa: PLC0415
+def define_flags() -> None:
+  flags.DEFINE_string("config", None, "config file, optionally with an argument: "
+                      "configs/lra_text.py:tiny", required=True)
+  flags.DEFINE_string("workdir", None, "checkpoints, metrics and results go here",
+                      required=True)
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
+  flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
+  flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
+
+
+def main(overrides) -> None:
+  # jax.distributed must start before jax is used, so jax and the training stack are
+  # imported here, after it.
+  import jax  # noqa: PLC0415 (see above)
 
   if FLAGS.coordinator_address or FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
+  from effx.training import loop  # noqa: PLC0415 (after jax.distributed)
 
-
-@cli.user_errors_in_one_line
-def main(argv):
-  del argv
-  cli.quiet_libraries()
-  initialize_distributed()
-  import effx  # noqa: PLC0415 (after jax.distributed, which must come before jax use)
-
-  config = cli.apply_overrides(cli.load_config(FLAGS.config), _OVERRIDES)
+  config = cli.apply_overrides(cli.load_config(FLAGS.config), overrides)
   # The config is logged (and written to the workdir) once it is valid and the run starts.
-  effx.train_and_evaluate(config, FLAGS.workdir)
-
-
-def run(argv=None) -> None:
-  """Entry point: config overrides are parsed by effx (errors name the key)."""
-  rest, overrides = cli.user_errors_in_one_line(cli.split_overrides)(
-      sys.argv if argv is None else argv)
-  _OVERRIDES[:] = overrides
-  app.run(main, argv=rest)
+  loop.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  run()
+  cli.run(define_flags, main, overrides=True)

@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from effx import cli, trainer
+from effx import cli
+from effx.training import loop as trainer
 from effx.data import lm
 
 

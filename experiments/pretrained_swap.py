@@ -87,7 +87,7 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2)")
   args = parser.parse_args()
-  from effx.evaluate import restore  # noqa: PLC0415
+  from effx.training.restore import restore  # noqa: PLC0415
 
   folder = args.model or pretrained.default_folder()
   task = sentences.load({"task": "sentences", "dir": None, "tokenizer": folder,

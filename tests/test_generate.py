@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effx import generate, models
+from effx.models import generate
+from effx import models
 from effx.attention import registry
 
 VOCAB = 50

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention import kernel
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import extents, pad_axis, positions
 from effx.attention.registry import register
 

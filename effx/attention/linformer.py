@@ -16,8 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
-                                 zero_padded_queries)
+from effx.attention.base import Family, check_choice, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import attention_from_logits
 from effx.attention.registry import register
 

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention import decoding, kernel
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import AllOf, Band, positions
 from effx.attention.registry import register
+
 
 def band_block(window: int, length: int) -> int:
   """Block length of a band of one-sided ``window``: about the window (each query block

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention import decoding, kernel, local
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import AnyOf, Band, KeyIn, positions
 from effx.attention.local import band_pattern, local_parts
 from effx.attention.registry import register

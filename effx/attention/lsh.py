@@ -24,8 +24,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention import kernel
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import NEG, NotSelf, merge, pad_axis
 from effx.attention.randomness import family_key
 from effx.attention.registry import register

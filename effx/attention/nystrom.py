@@ -62,7 +62,7 @@ def iterative_pinv(a: jax.Array, iters: int) -> jax.Array:
   norm_inf = jnp.max(jnp.sum(jnp.abs(a), axis=-1), axis=-1)[..., None, None]
   z = jnp.swapaxes(a, -1, -2) / (norm_1 * norm_inf)
   # einsum, not `@`: every contraction of a family goes through dot_general, where
-  # quantization rules (effx.quant) can reach it.
+  # quantization rules (effx.compress.quant) can reach it.
   mm = functools.partial(jnp.einsum, "...ij,...jk->...ik")
   for _ in range(iters):
     az = mm(a, z)

@@ -57,7 +57,7 @@ def plot_pattern(name: str, length: int, path: str | os.PathLike | None = None, 
   import matplotlib  # noqa: PLC0415 (plotting is optional at import time)
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (matplotlib only for the picture)
 
   allowed = pattern(name, length, num_heads=num_heads, causal=causal, seed=seed, **options)
   shown = allowed[:4]

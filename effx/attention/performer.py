@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from effx.attention import decoding
-from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
-                                 zero_padded_queries)
+from effx.attention.base import Family, check_choice, check_positive, check_qkv, zero_padded_queries
 from effx.attention.linear import feature_attention
 from effx.attention.randomness import family_key
 from effx.attention.registry import register

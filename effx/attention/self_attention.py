@@ -11,9 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effx import axes
 from effx.attention import registry
-from effx.layers.positional import apply_rotary
+from effx.attention.rotary import apply_rotary
+from effx.common import axes
 
 HEAD_AXES = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
 

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effx.attention.base import (Family, check_positive, check_qkv, zero_padded_queries)
+from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import NEG, extents, grouped_attention, pad_axis
 from effx.attention.registry import register
 

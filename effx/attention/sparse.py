@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effx.attention import decoding, kernel
-from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
-                                 zero_padded_queries)
+from effx.attention.base import Family, check_choice, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import NotSelf, OtherBlock, from_residues, merge, positions, to_residues
 from effx.attention.local import local_parts
 from effx.attention.registry import register

@@ -20,8 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from effx.attention import kernel
-from effx.attention.base import (Family, check_choice, check_positive, check_qkv,
-                                 zero_padded_queries)
+from effx.attention.base import Family, check_choice, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import attention_from_logits, positions
 from effx.attention.registry import register
 

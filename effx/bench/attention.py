@@ -21,6 +21,8 @@ import json
 import os
 from typing import Any
 
+from tqdm import tqdm
+
 import effx.attention as ea
 from effx.attention import routing
 from effx.bench import harness, plots
@@ -85,6 +87,7 @@ def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
   """One measurement (runs in its own process)."""
+  # jax loads in the worker process only (a fresh process per measurement).
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -127,8 +130,6 @@ def check_families(text: str) -> list[str]:
 def run(families, lengths, *, mode="train", batch=1, heads=4, head_dim=64, dtype="float32",
         causal=False, repeat=5, out=None, timeout_s=600.0, progress=True) -> list[dict]:
   """Measures every (family, length); writes outputs to ``out`` if given."""
-  from tqdm import tqdm  # noqa: PLC0415
-
   if mode not in ("infer", "train"):
     raise ValueError(f"--mode={mode!r} must be 'infer' or 'train'")
   if causal:

@@ -11,7 +11,7 @@ cosformer's ``max_len`` (the largest capacity measured, which its decoding needs
 For each family and context length L, in this process:
 
 1. The decode state after L tokens, built by decoding L random tokens one at a time
-   (a jitted ``lax.scan`` of the step, as ``effx.generate`` does; ``prefill_s``, its
+   (a jitted ``lax.scan`` of the step, as ``effx.models.generate`` does; ``prefill_s``, its
    run without compilation).
 2. Greedy generation of ``--steps`` further tokens, a jitted scan of decode steps:
    compiled and run once to warm up, then the median (min, max) of ``--repeat`` runs,
@@ -27,7 +27,7 @@ blockwise) stop at L <= N: building their state by decoding costs O(L^2) (on one
 core, about 14 minutes for L=16384). With ``--recompute-max=N`` (default 1024), dense is
 also measured for L <= N without a state (``method=recompute``): each new token runs the
 whole model over the token buffer (``L + steps`` slots, the rest padding), as
-``effx.generate`` does with ``recompute=True``; its ``state_bytes`` is that token buffer.
+``effx.models.generate`` does with ``recompute=True``; its ``state_bytes`` is that token buffer.
 
 Writes ``decode.csv``, ``decode.png`` (ms per token and state MiB against L, log-log) and
 ``README.md`` (command, machine, table, a reading) to ``--out``; prints the table.
@@ -51,9 +51,10 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from effx import generate, models
+from effx import models
 from effx.attention import registry
 from effx.bench import harness
+from effx.models import generate
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -18,8 +18,10 @@ import json
 import os
 from typing import Any
 
+from tqdm import tqdm
+
 from effx.bench import attention as bench_attention
-from effx.bench import harness
+from effx.bench import harness, plots
 
 COLUMNS = ("family", "length", "status", "steps_per_s", "time_median_s", "time_min_s",
            "time_max_s", "temp_bytes", "peak_bytes", "speed_vs_dense", "memory_vs_dense",
@@ -30,6 +32,8 @@ TEXT_MODEL = dict(kind="classifier", vocab_size=257, num_classes=2, num_layers=4
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+  # jax and the model load in the worker process only: each measurement runs in a
+  # fresh process (effx.bench.harness), the parent never initialises a backend.
   import functools  # noqa: PLC0415
 
   import flax.linen as nn  # noqa: PLC0415
@@ -37,7 +41,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   import jax.numpy as jnp  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from effx import models, objectives, optim, steps  # noqa: PLC0415
+  from effx import models  # noqa: PLC0415
+  from effx.training import objectives, optim, steps  # noqa: PLC0415
 
   length, batch = spec["length"], spec["batch"]
   model = models.build(dict(TEXT_MODEL, max_len=length, attention=spec["family"],
@@ -74,8 +79,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run(families, lengths, *, batch=1, dtype="float32", repeat=3, out=None,
         timeout_s=900.0, progress=True) -> list[dict]:
-  from tqdm import tqdm  # noqa: PLC0415
-
   free = harness.available_memory_bytes()
   rows = []
   configs = [(f, n) for n in lengths for f in families]
@@ -119,8 +122,6 @@ def table(rows, lengths) -> list[str]:
 
 
 def write_outputs(out, rows, lengths, batch, dtype) -> None:
-  from effx.bench import plots  # noqa: PLC0415
-
   os.makedirs(out, exist_ok=True)
   harness.write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
   title = f"LRA Text model train step, batch {batch}, {dtype}"

@@ -7,6 +7,7 @@ and backend.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +15,9 @@ import jax
 import jax.numpy as jnp
 
 import effx.attention as ea
+from effx.layers.config import BlockConfig
+from effx.layers.feed_forward import FeedForward
+from effx.layers.stack import Stack
 
 # Options at which each family is sub-quadratic at long lengths: the defaults, except
 # routing's window (its default grows with the length) and max_len of the families with
@@ -83,9 +87,6 @@ def stack_memory(num_layers: int, length: int, *, reversible: bool = False,
                  ff_chunk_size: int | None = None, **attention_kwargs) -> dict[str, int]:
   """Compiled byte counts of forward + backward (w.r.t. parameters and inputs) through a
   ``Stack`` of ``num_layers`` blocks on ``[batch, length, emb_dim]`` inputs."""
-  from effx.layers.config import BlockConfig  # noqa: PLC0415 (avoid a cycle at import)
-  from effx.layers.stack import Stack  # noqa: PLC0415
-
   cfg = BlockConfig(emb_dim=emb_dim, num_heads=num_heads, qkv_dim=emb_dim, mlp_dim=mlp_dim,
                     attention=attention, attention_kwargs=tuple(attention_kwargs.items()),
                     ff_chunk_size=ff_chunk_size, remat=remat)
@@ -107,8 +108,6 @@ def stack_memory(num_layers: int, length: int, *, reversible: bool = False,
 def feed_forward_memory(length: int, chunk_size: int | None, *, emb_dim: int = 128,
                         mlp_dim: int = 1024, batch: int = 1) -> int:
   """Compiled forward+backward temporary bytes of one ``FeedForward`` layer."""
-  from effx.layers.feed_forward import FeedForward  # noqa: PLC0415
-
   layer = FeedForward(mlp_dim=mlp_dim, chunk_size=chunk_size)
   x = jax.ShapeDtypeStruct((batch, length, emb_dim), jnp.float32)
   params = nn.unbox(jax.eval_shape(layer.init, jax.random.PRNGKey(0), x))["params"]
@@ -121,8 +120,6 @@ def feed_forward_memory(length: int, chunk_size: int | None, *, emb_dim: int = 1
 
 
 def main(argv=None) -> None:
-  import argparse  # noqa: PLC0415
-
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="4096,8192", help="comma-separated lengths")
   parser.add_argument("--causal", action="store_true")

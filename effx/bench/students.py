@@ -50,14 +50,17 @@ def _accuracy(workdir: str, step: int, run, params, model_state) -> float:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
   """Measures one workdir (in its own process)."""
+  # jax and the training stack load in the worker process only (each measurement in a
+  # fresh process: the parent never initialises a backend).
   import jax  # noqa: PLC0415
   import qwix  # noqa: PLC0415
 
-  from effx import evaluate, objectives, quant  # noqa: PLC0415
+  from effx.compress import quant  # noqa: PLC0415
   from effx.data import pipeline  # noqa: PLC0415
+  from effx.training import objectives, restore  # noqa: PLC0415
 
   workdir = spec["workdir"]
-  run, params, model_state, step = evaluate.restore(workdir, "best")
+  run, params, model_state, step = restore.restore(workdir, "best")
   leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, qwix.QArray))
   parameters = sum(int(x.qvalue.size) if isinstance(x, qwix.QArray) else int(x.size)
                    for x in leaves)
@@ -138,6 +141,7 @@ def table(rows, batches: list[int], teacher: int) -> list[str]:
 
 def plot(rows, teacher: int, batch: int, path: str) -> None:
   """Accuracy against latency at ``batch``; marker area proportional to bytes."""
+  # pyplot only after the file-only backend is chosen.
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")

@@ -18,14 +18,14 @@
 Language-modelling tasks (``TaskData.kind == "lm"``) give per-token targets instead of a
 label (``effx.data.base``) and are trained by a causal LM. ``sentences``
 (``TaskData.kind == "embedding"``) has no labels: a sentence encoder is distilled on it
-toward a pretrained teacher (``effx.distill``).
+toward a pretrained teacher (``effx.compress.distill``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from effx import cli
+from effx.common import schema
 from effx.data import image, listops, lm, mqar, pathfinder, retrieval, sentences, text
 from effx.data.base import BYTE_VOCAB, DatasetMissingError, TaskData
 
@@ -68,12 +68,12 @@ def check_task(task: str) -> None:
 
 
 def check_config(data: Mapping[str, Any]) -> None:
-  """Unknown ``config.data`` keys, wrong types (``effx.cli.check_section``'s rule) and
+  """Unknown ``config.data`` keys, wrong types (``effx.common.schema.check_section``'s rule) and
   keys the chosen source does not read raise, naming the key."""
   data = dict(data)
   check_task(data.get("task"))
   known = defaults(data["task"])
-  cli.check_section("data", data, known, context=f"task {data['task']!r}")
+  schema.check_section("data", data, known, context=f"task {data['task']!r}")
   # A task module may define ``check(data)``: keys its chosen source does not read (a
   # generator's settings when data.dir points at release files) are errors, not ignored.
   task_check = getattr(_MODULES[data["task"]], "check", None)

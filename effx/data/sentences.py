@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from effx.data.base import SPLITS, TaskData, pad
+from effx.data.base import SPLITS, TaskData
 
 DEFAULTS = dict(tokenizer=None, max_len=64, min_words=6)
 MAX_WORDS = 50
@@ -111,7 +111,7 @@ class TokenSource:
 
 
 def _folder(data) -> str:
-  from effx import pretrained  # noqa: PLC0415 (imports the models)
+  from effx import pretrained  # noqa: PLC0415 (jax, flax and tokenizers: reading data needs none of them)
 
   if data["tokenizer"] is None:
     return pretrained.default_folder()
@@ -120,7 +120,7 @@ def _folder(data) -> str:
 
 def load(data, seed: int) -> TaskData:
   """The sentences of ``data`` tokenized by ``data.tokenizer``'s tokenizer."""
-  from effx import pretrained  # noqa: PLC0415
+  from effx import pretrained  # noqa: PLC0415 (as in _folder)
 
   del seed  # the splits are fixed
   data = {"dir": None, **DEFAULTS, **dict(data)}
@@ -131,15 +131,14 @@ def load(data, seed: int) -> TaskData:
   texts = read_splits(data["dir"]) if data["dir"] else builtin_splits(data["min_words"])
   splits = {}
   for name, split in texts.items():
-    tokens = np.stack([pad(ids, data["max_len"]) for ids in tokenizer.ids(split)])
-    splits[name] = TokenSource(split, tokens)
+    splits[name] = TokenSource(split, tokenizer.padded(split, data["max_len"]))
   return TaskData(splits, vocab_size=vocab_size, num_classes=0, max_len=data["max_len"],
                   kind="embedding")
 
 
 def describe(data) -> TaskData:
   """``load``'s sizes without tokenizing anything."""
-  from effx import pretrained  # noqa: PLC0415
+  from effx import pretrained  # noqa: PLC0415 (as in _folder)
 
   data = {"dir": None, **DEFAULTS, **dict(data)}
   vocab_size = pretrained.model_settings(_folder(data))["vocab_size"]

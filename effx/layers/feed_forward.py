@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effx import axes
 from effx.attention.core import pad_axis
+from effx.common import axes
 
 
 class Mlp(nn.Module):

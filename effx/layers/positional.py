@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx import axes
+from effx.attention.rotary import apply_rotary  # noqa: F401 (positions, in one place)
+from effx.common import axes
 
 KINDS = ("learned", "sinusoidal", "rotary", "shortformer", "none")
 
@@ -27,21 +28,6 @@ def sinusoidal(positions: jax.Array, dim: int, max_timescale: float = 10_000.0) 
   angles = positions[..., None].astype(jnp.float32) * freqs
   table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
   return jnp.pad(table, [(0, 0)] * (table.ndim - 1) + [(0, dim - 2 * half)])
-
-
-def apply_rotary(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
-  """Rotates pairs of features of ``x [batch, length, heads, head_dim]`` by angles
-  ``position * base^(-2i / head_dim)``; ``positions`` is ``[batch, length]``. An odd last
-  feature is left as is."""
-  d = x.shape[-1] - x.shape[-1] % 2
-  inv_freq = base ** (-np.arange(0, d, 2) / d)
-  angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # [b, l, 1, d/2]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x32 = x.astype(jnp.float32)
-  even, odd = x32[..., 0:d:2], x32[..., 1:d:2]
-  rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-  rotated = rotated.reshape(*x.shape[:-1], d)
-  return jnp.concatenate([rotated, x32[..., d:]], axis=-1).astype(x.dtype)
 
 
 class AbsolutePositions(nn.Module):

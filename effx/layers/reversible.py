@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effx import axes
+from effx.common import axes
 from effx.layers.config import BlockConfig
 from effx.layers.sublayers import AttentionSublayer, FeedForwardSublayer
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from effx import axes
+from effx.common import axes
 from effx.layers import remat
 from effx.layers.config import BlockConfig
 from effx.layers.reversible import ReversibleStack, check_reversible

@@ -5,18 +5,17 @@ and reversible stacks add them to the residual stream in their own ways."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
-import functools
-
-from effx import axes
 from effx.attention import SelfAttention
+from effx.common import axes
 from effx.layers.config import BlockConfig
 from effx.layers.feed_forward import FeedForward
 from effx.layers.positional import sinusoidal
-
 
 ACTIVATIONS = {"gelu_tanh": functools.partial(nn.gelu, approximate=True),
                "gelu": functools.partial(nn.gelu, approximate=False), "relu": nn.relu}

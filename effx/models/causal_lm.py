@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effx import axes
+from effx.attention import registry
+from effx.common import axes
 from effx.layers.memory import MemoryStack, empty_memory
 from effx.layers.stack import Stack
 from effx.models.config import DTYPES, ModelConfig
@@ -25,7 +26,7 @@ class CausalLM(nn.Module):
   ``attention`` outputs and ``compression_loss`` (0 without compression), which the
   training loss should add.
 
-  Incremental decoding (``effx.generate``): ``cache`` (from ``init_cache``) holds each
+  Incremental decoding (``effx.models.generate``): ``cache`` (from ``init_cache``) holds each
   layer's attention state and the next position; ``inputs`` is then one token per row
   ``[batch, 1]`` and ``aux["cache"]`` the state after it. Models with segment memory
   decode through their memory instead (one-token segments).
@@ -42,8 +43,6 @@ class CausalLM(nn.Module):
     """The decoding state before the first token, for up to ``capacity`` tokens per row:
     ``{"layers": each layer's family state stacked on a leading axis, "position":
     int32 [batch]}``. Raises for models that cannot decode token by token."""
-    from effx.attention import registry  # noqa: PLC0415
-
     cfg = self.config
     if cfg.reversible or cfg.mem_len or cfg.compressed_len:
       raise ValueError("init_cache: reversible models and models with segment memory have "

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effx import axes
+from effx.common import axes
 from effx.layers.stack import Stack
 from effx.models.config import ModelConfig
 from effx.models.embedding import Embedder

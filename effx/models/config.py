@@ -7,8 +7,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from effx import cli
 from effx.attention import registry
+from effx.common import schema
 from effx.layers.config import BlockConfig
 from effx.layers.memory import check_memory
 from effx.layers.reversible import check_reversible
@@ -20,7 +20,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Every ``config.model`` key, with its default. Unknown keys are errors.
+  """Every ``config.model`` key, with its default. Unknown keys are errors. These are
+  the only model defaults in effx: a training config's ``model`` section starts from
+  them (``effx.training.defaults.base``).
 
   Attributes:
     kind: ``"classifier"`` | ``"dual_encoder"`` | ``"causal_lm"`` | ``"encoder"``
@@ -58,13 +60,13 @@ class ModelConfig:
   vocab_size: int = 256
   max_len: int = 1024
   num_classes: int = 2
-  num_layers: int = 2
-  emb_dim: int = 128
+  num_layers: int = 4
+  emb_dim: int = 256
   num_heads: int = 4
-  qkv_dim: int = 128
-  mlp_dim: int = 256
+  qkv_dim: int = 256
+  mlp_dim: int = 1024
   dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.1
   attention: str = "dense"
   attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   pool: str = "cls"
@@ -152,7 +154,7 @@ def model_config(config: Mapping[str, Any]) -> ModelConfig:
   """``ModelConfig`` from a ``config.model`` ConfigDict or dict; unknown keys and wrong
   types raise errors naming the key."""
   values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-  cli.check_section("model", values, DEFAULTS)
+  schema.check_section("model", values, DEFAULTS)
   kwargs = values.get("attention_kwargs")
   if kwargs is not None:
     values["attention_kwargs"] = {k: tuple(v) if isinstance(v, list) else v

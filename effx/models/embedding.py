@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effx import axes
+from effx.common import axes
 from effx.layers.positional import AbsolutePositions
 from effx.layers.sublayers import layer_norm
 from effx.models.config import DTYPES, ModelConfig

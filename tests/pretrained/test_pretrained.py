@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effx import embed, models, pretrained
+from effx import models, pretrained
+from effx.pretrained import embed
 from effx.attention import registry
 from tiny_bert import VOCAB, numpy_bert, tiny_weights, write_folder
 

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effx import cli, distill, pretrained, trainer
+from effx import cli, pretrained
+from effx.compress import distill
+from effx.training import loop as trainer
+from effx.training import objectives
 from effx.data import sentences
 from tiny_bert import SPECIAL, WORDS, write_folder, write_tokenizer
 from support import set_keys
@@ -55,8 +58,8 @@ def test_encoder_objective_is_the_mean_cosine_to_the_teacher(tiny_bert):
   teacher = pretrained.load(tiny_bert)
   student = pretrained.load(tiny_bert, "local", {"window": 1})
   options = cli.load_config(str(CONFIG) + ":" + tiny_bert).distill
-  objective = distill.Distillation(student.model, teacher.model, options, (0, 1), 4,
-                                   embedding=True)
+  objective = objectives.Distillation(
+      student.model, teacher.model, distill.Losses(options, (0, 1), 4, embedding=True))
   tokens = teacher.tokens(TEXTS[:4])
   batch = {"inputs": jnp.asarray(tokens), "targets": jnp.zeros(4, jnp.int32),
            "weights": jnp.asarray([1.0, 1.0, 1.0, 0.0])}

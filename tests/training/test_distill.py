@@ -12,7 +12,10 @@ import pytest
 
 import ml_collections
 
-from effx import cli, distill, models, trainer, validate
+from effx import cli, models
+from effx.compress import distill
+from effx.training import loop as trainer
+from effx.training import objectives, validate
 from conftest import CONFIGS, tiny_config
 
 
@@ -38,6 +41,11 @@ def _options(**weights):
   return ml_collections.ConfigDict(values)
 
 
+def _distillation(student, teacher, options, layer_map, relation_heads=1, embedding=False):
+  losses = distill.Losses(options, layer_map, relation_heads, embedding=embedding)
+  return objectives.Distillation(student, teacher, losses)
+
+
 def _init(model, seed):
   return model.init(jax.random.PRNGKey(seed), _batch()["inputs"])["params"]
 
@@ -47,7 +55,7 @@ def test_kd_loss_is_hintons_with_t_squared():
   _, teacher = _model(num_layers=3)
   s_params, t_params = _init(student, 0), _init(teacher, 1)
   batch = _batch()
-  objective = distill.Distillation(student, teacher, _options(kd_weight=1.0, temperature=3.0),
+  objective = _distillation(student, teacher, _options(kd_weight=1.0, temperature=3.0),
                                    (0, 2), relation_heads=1)
   loss, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(5),
                                      {"params": t_params, "model_state": {}})
@@ -70,7 +78,7 @@ def test_kd_loss_is_hintons_with_t_squared():
 def test_every_loss_is_zero_when_the_student_is_the_teacher(hidden_loss):
   _, model = _model()
   params = _init(model, 0)
-  objective = distill.Distillation(
+  objective = _distillation(
       model, model, _options(kd_weight=1.0, hidden_weight=1.0, attention_weight=1.0,
                              value_relation_weight=1.0, attention_kl_weight=1.0,
                              hidden_loss=hidden_loss), (0, 1), relation_heads=2)
@@ -84,7 +92,7 @@ def test_every_loss_is_zero_when_the_student_is_the_teacher(hidden_loss):
 def test_hidden_loss_is_a_mean_over_real_tokens():
   _, model = _model()
   params = _init(model, 0)
-  objective = distill.Distillation(model, model, _options(hidden_weight=1.0), (0, 1),
+  objective = _distillation(model, model, _options(hidden_weight=1.0), (0, 1),
                                    relation_heads=1)
   batch = _batch()
   other = jax.tree.map(lambda x: x * 1.5, params)
@@ -256,7 +264,7 @@ def test_value_relation_is_minilms_kl_across_widths_and_head_counts():
   _, teacher = _model(num_layers=3)
   s_params, t_params = _init(student, 0), _init(teacher, 1)
   batch = _batch()
-  objective = distill.Distillation(student, teacher, _options(value_relation_weight=1.0),
+  objective = _distillation(student, teacher, _options(value_relation_weight=1.0),
                                    (2,), relation_heads=4)
   loss, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(0),
                                      {"params": t_params, "model_state": {}})
@@ -281,7 +289,7 @@ def test_attention_kl_is_the_kl_of_the_softmax_attention_maps():
   _, teacher = _model(num_layers=2)
   s_params, t_params = _init(student, 0), _init(teacher, 1)
   batch = _batch(3)
-  objective = distill.Distillation(student, teacher, _options(attention_kl_weight=1.0), (1,),
+  objective = _distillation(student, teacher, _options(attention_kl_weight=1.0), (1,),
                                    relation_heads=1)
   _, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(0),
                                   {"params": t_params, "model_state": {}})

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from effx import data as data_lib
-from effx import metrics, models, objectives, trainer, validate
+from effx.training import metrics, objectives, loop as trainer, validate
+from effx import models
 from effx.data import lm
 from effx.layers.memory import empty_memory, reset_memory
 from conftest import tiny_config
@@ -123,7 +124,7 @@ def test_lm_with_memory_resumes_exactly(tmp_path):
   assert a["test_bpb"] == b["test_bpb"] and a["final_train_loss"] == b["final_train_loss"]
   assert a["test_bpb"] < 8.0  # below a uniform guess over 257 ids
   run = trainer.Run(config)
-  from effx import checkpoint as ckpt  # noqa: PLC0415
+  from effx.training import checkpoint as ckpt  # noqa: PLC0415
   restored = ckpt.Checkpoints(str(tmp_path / "b"), 3).restore_latest(run.abstract_state)
   hidden = restored[0].model_state["memory"]["hidden"]
   assert float(jnp.abs(hidden).sum()) > 0  # a non-trivial memory was checkpointed

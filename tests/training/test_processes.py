@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from effx import metrics
+from effx.training import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = [f"--config={ROOT / 'configs' / 'lra_listops.py'}:tiny", "--config.log_every_steps=1",

@@ -9,7 +9,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from effx import prune, trainer, validate
+from effx.compress import prune
+from effx.training import loop as trainer, validate
 from conftest import tiny_config
 
 

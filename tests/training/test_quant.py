@@ -12,7 +12,10 @@ import orbax.checkpoint as ocp
 import pytest
 import qwix
 
-from effx import evaluate, models, quant, quantize, trainer, validate
+from effx import models
+from effx.compress import quant
+from effx.training import defaults, exports, restore, validate
+from effx.training import loop as trainer
 from effx.bench import students
 from conftest import tiny_config
 
@@ -114,7 +117,7 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
 
-  summary = quantize.export(str(tmp_path / "straight"), str(tmp_path / "int8"))
+  summary = exports.quantize_workdir(str(tmp_path / "straight"), str(tmp_path / "int8"))
   assert summary["bytes"][1] < 0.5 * summary["bytes"][0]
   saved = ocp.StandardCheckpointer().restore(
       tmp_path / "int8" / "best" / str(summary["step"]) / "params")
@@ -126,8 +129,8 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
     assert (path.endswith("['qvalue']") and v.dtype == np.int8) or (
         path.endswith("['scale']") and v.size * 8 < max(w.size for w in kernels.values())), \
         (path, v.dtype, v.shape)
-  int_test = evaluate.evaluate_workdir(str(tmp_path / "int8"), "test")
-  qat_test = evaluate.evaluate_workdir(str(tmp_path / "straight"), "test", "best")
+  int_test = restore.evaluate_workdir(str(tmp_path / "int8"), "test")
+  qat_test = restore.evaluate_workdir(str(tmp_path / "straight"), "test", "best")
   assert int_test["step"] == qat_test["step"]
   assert abs(int_test["accuracy"] - qat_test["accuracy"]) <= 3 / 64  # <= 3 of 64 examples
   # The size / latency / accuracy report over both, each measured in a fresh process.
@@ -141,16 +144,16 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
   for name in ("students.csv", "students.md", "students.png"):
     assert (tmp_path / "report" / name).stat().st_size > 0
   with pytest.raises(ValueError, match="keeps; drop --weight_qtype"):
-    quantize.export(str(tmp_path / "straight"), str(tmp_path / "int4"), weight_qtype="int4")
+    exports.quantize_workdir(str(tmp_path / "straight"), str(tmp_path / "int4"), weight_qtype="int4")
   with pytest.raises(ValueError, match="holds one checkpoint"):
-    evaluate.restore(str(tmp_path / "int8"), "10")
+    restore.restore(str(tmp_path / "int8"), "10")
   with pytest.raises(ValueError, match="already an integer export"):
-    quantize.export(str(tmp_path / "int8"), str(tmp_path / "again"))
+    exports.quantize_workdir(str(tmp_path / "int8"), str(tmp_path / "again"))
   with pytest.raises(FileExistsError, match="exists; the export writes a new workdir"):
-    quantize.export(str(tmp_path / "straight"), str(tmp_path / "int8"))
+    exports.quantize_workdir(str(tmp_path / "straight"), str(tmp_path / "int8"))
   with pytest.raises(FileNotFoundError, match="not an effx.train workdir"):
-    quantize.export(str(tmp_path / "nowhere"), str(tmp_path / "x"))
-  int_config = trainer.load_workdir_config(str(tmp_path / "int8"))
+    exports.quantize_workdir(str(tmp_path / "nowhere"), str(tmp_path / "x"))
+  int_config = defaults.load_workdir_config(str(tmp_path / "int8"))
   with pytest.raises(ValueError, match="integer export .* for evaluation"):
     trainer.train_and_evaluate(int_config, str(tmp_path / "train_int"))
 

@@ -11,8 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effx import models, structured, trainer
-from effx.evaluate import evaluate_workdir
+from effx import models
+from effx.compress import structured
+from effx.training import exports
+from effx.training import loop as trainer
+from effx.training.restore import evaluate_workdir
 from conftest import tiny_config
 
 
@@ -74,7 +77,7 @@ def test_keep_top_and_the_export_equals_the_masked_model():
 def test_an_exported_workdir_evaluates_smaller(tmp_path):
   config = tiny_config("lra_listops", num_train_steps=10, **{"model.num_layers": 2})
   trainer.train_and_evaluate(config, str(tmp_path / "run"))
-  summary = structured.export(str(tmp_path / "run"), str(tmp_path / "small"), heads=1,
+  summary = exports.shrink_workdir(str(tmp_path / "run"), str(tmp_path / "small"), heads=1,
                               mlp_units=32, batches=2)
   assert summary["num_heads"] == [2, 1] and summary["mlp_dim"] == [64, 32]
   assert summary["parameters"][1] < summary["parameters"][0]
@@ -83,7 +86,7 @@ def test_an_exported_workdir_evaluates_smaller(tmp_path):
   result = evaluate_workdir(str(tmp_path / "small"), "test", checkpoint="best")
   assert result["step"] == summary["step"] and 0.0 <= result["accuracy"] <= 1.0
   with pytest.raises(FileExistsError, match="exists"):
-    structured.export(str(tmp_path / "run"), str(tmp_path / "small"), heads=1)
+    exports.shrink_workdir(str(tmp_path / "run"), str(tmp_path / "small"), heads=1)
   # From the command line; a bad family is one line.
   done = subprocess.run([sys.executable, "-m", "effx.structured", f"--workdir={tmp_path / 'run'}",
                          f"--out={tmp_path / 'cli'}", "--mlp_units=16", "--batches=1"],

@@ -10,7 +10,13 @@ import time
 
 import pytest
 
-from effx import aot, sweep, trainer
+from effx import sweep
+from effx.launch import manifest as manifest_lib
+from effx.launch import report as report_lib
+from effx.launch import tpu
+from effx.launch import trials as trials_lib
+from effx.training import aot, defaults
+from effx.training import loop as trainer
 from conftest import CONFIGS
 
 SWEEP_CONFIG = """
@@ -60,23 +66,23 @@ def _sweep(spec, workdir, *args):
 
 
 def test_grid_helpers_names_and_commands(spec, tmp_path):
-  assert sweep.product(a=[1, 2], b=["x"]) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
-  assert sweep.zipped(a=[1, 2], b=[3, 4]) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+  assert trials_lib.product(a=[1, 2], b=["x"]) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+  assert trials_lib.zipped(a=[1, 2], b=[3, 4]) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
   with pytest.raises(ValueError, match="different lengths"):
-    sweep.zipped(a=[1], b=[2, 3])
-  assert sweep.trial_name({"model.attention": "local", "learning_rate": 0.01}) == \
+    trials_lib.zipped(a=[1], b=[2, 3])
+  assert trials_lib.trial_name({"model.attention": "local", "learning_rate": 0.01}) == \
       "attention-local_learning_rate-0.01"
-  trials = sweep.define(spec, "long")
-  cmd = sweep.command(spec, "/runs", trials[0])
+  trials = trials_lib.define(spec, "long")
+  cmd = trials_lib.command(spec, "/runs", trials[0])
   assert cmd[1:] == ["-m", "effx.train", f"--config={spec}",
                      "--workdir=/runs/num_train_steps-150_attention-local",
                      "--config.num_train_steps=150", "--config.model.attention=local"]
   with pytest.raises(ValueError, match="trial 'atention-local': --config.model.atention: "
                                        "unknown key"):
-    sweep.define(spec, "typo")
+    trials_lib.define(spec, "typo")
   with pytest.raises(ValueError, match="defines no sweep_nope.*sweeps there: "
                                        r"\(default\), long, typo, with_failure"):
-    sweep.define(spec, "nope")
+    trials_lib.define(spec, "nope")
   out = subprocess.run(_sweep(spec, tmp_path / "dry", "--dry-run"), capture_output=True,
                        text=True, check=True).stdout.splitlines()
   assert [line.split()[-1] for line in out] == ["--config.learning_rate=0.001",
@@ -107,8 +113,8 @@ def test_a_sweep_runs_in_parallel_records_a_failure_and_resumes_by_rerunning(spe
   assert again.returncode == 1
   assert (workdir / good["name"] / "sessions.json").read_text() == sessions
   assert json.loads((workdir / "sweep.json").read_text())["trials"][1]["attempts"] == 4
-  with pytest.raises(SystemExit):  # another sweep in the same folder is refused
-    sweep.main([f"--config={spec}", f"--workdir={workdir}", "--sweep=long"])
+  # Another sweep in the same folder is refused.
+  assert sweep.run([f"--config={spec}", f"--workdir={workdir}", "--sweep=long"]) == 1
 
 
 def test_ctrl_c_stops_a_sweep_and_the_rerun_finishes_it_exactly(spec, tmp_path):
@@ -133,7 +139,7 @@ def test_ctrl_c_stops_a_sweep_and_the_rerun_finishes_it_exactly(spec, tmp_path):
   sessions = json.loads((first / "sessions.json").read_text())
   assert len(sessions) == 2 and sessions[1]["start_step"] > 0
   # The interrupted trial ends exactly where an uninterrupted run ends.
-  config = trainer.load_workdir_config(str(first))
+  config = defaults.load_workdir_config(str(first))
   straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
   resumed = json.loads((first / "results.json").read_text())
   assert resumed["final_train_loss"] == straight["final_train_loss"]
@@ -209,24 +215,23 @@ def test_topology_names_are_checked_before_anything_compiles(spec):
 
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu (pip install -e '.[tpu]') not installed")
 def test_every_trial_compiles_for_a_tpu_topology_or_says_why_not(spec):
-  trials = sweep.define(spec, None)
-  lines = sweep.check_topology(spec, trials, "v5e:2x2")
+  trials = trials_lib.define(spec, None)
+  lines = trials_lib.check_topology(spec, trials, "v5e:2x2")
   assert len(lines) == 2 and all("4 x TPU v5 lite" in line and "GiB per device of 16 GiB"
                                  in line for line in lines)
   with pytest.raises(ValueError, match="is not a TPU topology jax knows"):
     aot.topology_devices("v9z:2x2")
-  config = sweep.trial_config(spec, {"mesh.data": 3})
+  config = trials_lib.trial_config(spec, {"mesh.data": 3})
   with pytest.raises(ValueError, match="does not divide the 4 devices"):
     aot.check(config, "v5e:2x2")
   # 1.3 billion parameters, replicated over a data-parallel mesh, with Adam's moments.
-  big = sweep.trial_config(spec, {"model.emb_dim": 8192, "model.qkv_dim": 8192,
+  big = trials_lib.trial_config(spec, {"model.emb_dim": 8192, "model.qkv_dim": 8192,
                                   "model.mlp_dim": 65536})
   with pytest.raises(ValueError, match="does not fit on v5e:2x2 .*HBM"):
     aot.check(big, "v5e:2x2")
 
 
 def test_tpu_launch_dry_run_and_its_bad_input(spec, tmp_path):
-  from effx import tpu
 
   bucket = "gs://bucket/sweep"
   args = ["--launcher=tpu", "--tpu=effx-pod", "--zone=us-west4-a",
@@ -234,7 +239,7 @@ def test_tpu_launch_dry_run_and_its_bad_input(spec, tmp_path):
   out = subprocess.run(_sweep(spec, bucket, *args, "--queued", "--project=lab", "--dry-run"),
                        capture_output=True, text=True, check=True, cwd=tmp_path).stdout
   zone = "--zone=us-west4-a --project=lab"
-  archive = f"{sweep._stage(bucket)}/effx.tar.gz"
+  archive = f"{manifest_lib.stage(bucket)}/effx.tar.gz"
   gcloud = "gcloud compute tpus"
   trials = [f"{gcloud} tpu-vm ssh effx-pod --worker=all --command 'cd effx && python3 -m "
             f"effx.train --config=sweep_config.py --workdir={bucket}/learning_rate-{lr} "
@@ -285,16 +290,15 @@ def test_a_tpu_trial_runs_on_two_stand_in_hosts(spec, tmp_path):
   command run by two local processes: ``--distributed`` makes both call
   ``jax.distributed.initialize()`` with no arguments, which finds the other from the
   cluster's environment (Slurm's variables stand in for the TPU metadata here)."""
-  from effx import tpu
 
-  trial = sweep.define(spec, None)[0]
+  trial = trials_lib.define(spec, None)[0]
   home = tmp_path / "home"
   (home / "effx").mkdir(parents=True)
   archive = str(tmp_path / "effx.tar.gz")
   subprocess.run(tpu.pack([spec], archive), check=True)
   subprocess.run(["tar", "xzf", archive, "-C", str(home / "effx")], check=True)
   workdir = tmp_path / "run"
-  remote = tpu.worker_command(sweep.command(spec, str(workdir), trial, python="python3",
+  remote = tpu.worker_command(trials_lib.command(spec, str(workdir), trial, python="python3",
                                             distributed=True))
   assert remote.startswith("cd effx && python3 -m effx.train --config=sweep_config.py ")
   bin_dir = tmp_path / "bin"
@@ -321,16 +325,16 @@ def sweep(add, arg=None):
     for family in ("dense", "local"):
       add(**{{"config": "{CONFIGS}/lra_" + task + ".py:tiny", "model.attention": family}})
 """)
-  trials = sweep.define(str(path), None)
+  trials = trials_lib.define(str(path), None)
   assert [t.name for t in trials][:2] == ["lra_text-tiny_attention-dense",
                                           "lra_text-tiny_attention-local"]
-  cmd = sweep.command(str(path), "/runs", trials[0])
+  cmd = trials_lib.command(str(path), "/runs", trials[0])
   assert cmd[3:] == [f"--config={CONFIGS}/lra_text.py:tiny",
                      "--workdir=/runs/lra_text-tiny_attention-dense",
                      "--config.model.attention=dense"]
   workdir = tmp_path / "sweep"
   workdir.mkdir()
-  manifest = sweep.Manifest(str(workdir), str(path), None, trials)
+  manifest = manifest_lib.Manifest(str(workdir), str(path), None, trials)
   accuracy = {"lra_text-tiny_attention-dense": 0.61, "lra_text-tiny_attention-local": 0.55,
               "lra_listops-tiny_attention-dense": 0.37}
   for name, value in accuracy.items():  # three trials finished, one never ran
@@ -338,24 +342,25 @@ def sweep(add, arg=None):
     (workdir / name / "results.json").write_text(json.dumps(
         {"test_accuracy": value, "eval_accuracy": value, "best_step": 5, "step": 10,
          "wall_time_s": 5.0, "peak_memory_bytes": 2**20}))
-  sweep.refresh(str(workdir), manifest)
-  lines = sweep.report(str(workdir), manifest)
+  manifest_lib.refresh(str(workdir), manifest)
+  lines = report_lib.report(str(workdir), manifest)
   assert lines[:4] == ["| Model | ListOps | Text | Avg |", "|---|---:|---:|---:|",
                        "| dense | 37.00 | 61.00 | 49.00 |", "| local | pending | 55.00 |  |"]
   assert (workdir / "table.png").stat().st_size > 0
   assert "| lra_listops-tiny_attention-local | lra_listops.py:tiny" not in lines
   with pytest.raises(ValueError, match="a trial's config is a config file"):
-    sweep.trial_config(str(path), {"config": 3})
+    trials_lib.trial_config(str(path), {"config": 3})
 
 
 @pytest.mark.slow
 def test_a_sweep_and_its_runs_live_in_a_bucket(spec, bucket, tmp_path):
   """gs:// workdirs (a Cloud Storage emulator here): checkpoints through orbax, every
-  other file through effx.files; the runs resume from the bucket exactly."""
-  from effx import files, metrics
+  other file through effx.common.files; the runs resume from the bucket exactly."""
+  from effx.common import files
+  from effx.training import metrics
 
   workdir = f"{bucket}/sweep"
-  assert sweep.main([f"--config={spec}", f"--workdir={workdir}"]) == 0
+  assert sweep.run([f"--config={spec}", f"--workdir={workdir}"]) == 0
   manifest = json.loads(files.read_text(f"{workdir}/sweep.json"))
   assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
   first = f"{workdir}/{manifest['trials'][0]['name']}"
@@ -366,7 +371,7 @@ def test_a_sweep_and_its_runs_live_in_a_bucket(spec, bucket, tmp_path):
   assert files.glob(f"{first}/tensorboard", "events.out.tfevents.*")
   assert "test" in {r["split"] for r in metrics.read(first)}
   # Five steps more from the bucket's checkpoint end where fifteen straight steps end.
-  config = trainer.load_workdir_config(first)
+  config = defaults.load_workdir_config(first)
   config.num_train_steps = 15
   resumed = trainer.train_and_evaluate(config, first)
   straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -376,9 +381,9 @@ def test_a_sweep_and_its_runs_live_in_a_bucket(spec, bucket, tmp_path):
   timeless = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_per_s")}  # noqa: E731
                            for r in rows]
   assert timeless(metrics.read(first)) == timeless(metrics.read(str(tmp_path / "straight")))
-  from effx import evaluate
+  from effx.training import restore
 
-  evaluated = evaluate.evaluate_workdir(first, "test", "best")
+  evaluated = restore.evaluate_workdir(first, "test", "best")
   assert evaluated["accuracy"] == resumed["test_accuracy"]
   assert files.exists(f"{first}/eval_test_best_{evaluated['step']}.json")
 
@@ -389,7 +394,7 @@ def test_the_tpu_launcher_creates_installs_runs_and_reports(spec, bucket, tmp_pa
   folder: the TPU is created because ``describe`` fails, the packed checkout is copied
   and unpacked there, each trial runs in it with ``--distributed``, and the results in
   the bucket make the report."""
-  from effx import files
+  from effx.common import files
 
   home, bin_dir = tmp_path / "worker", tmp_path / "bin"
   home.mkdir()

@@ -15,10 +15,12 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from effx import checkpoint as ckpt
-from effx import cli, metrics, trainer, validate
-from effx import workdir as workdir_lib
-from effx.evaluate import evaluate_workdir
+from effx.training import checkpoint as ckpt
+from effx import cli
+from effx.training import loop as trainer
+from effx.training import metrics, optim, validate
+from effx.training import workdir as workdir_lib
+from effx.training.restore import evaluate_workdir
 from conftest import CONFIGS, tiny_config
 
 
@@ -110,13 +112,13 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
   """Also when the NaN arrives between log steps: the loop checks the training loss, the
   updated parameters' norm and the validation loss before it saves a best or a regular
   checkpoint. The learning rate jumps to 1e12 after 10 good steps."""
-  real = trainer.optim.schedule
+  real = optim.schedule
 
   def exploding(config):
     good = real(config)
     return lambda count: jnp.where(count < 10, good(count), 1e12)
 
-  monkeypatch.setattr(trainer.optim, "schedule", exploding)
+  monkeypatch.setattr(optim, "schedule", exploding)
   config = tiny_config("lra_listops", checkpoint_every_steps=1, eval_every_steps=1,
                        log_every_steps=log_every)
   diverged = r"(loss|param_norm|validation loss) is (nan|inf) at step 1\d.*step 10\)"
@@ -196,7 +198,7 @@ def test_bad_workdir_and_missing_dataset_leave_nothing_behind(tmp_path, monkeypa
   # A start that fails after the workdir was made removes the workdir it made.
   def fail(*args, **kwargs):
     raise OSError("disk full")
-  monkeypatch.setattr(trainer.ckpt.Checkpoints, "restore_latest", fail)
+  monkeypatch.setattr(ckpt.Checkpoints, "restore_latest", fail)
   with pytest.raises(OSError, match="disk full"):
     trainer.train_and_evaluate(tiny_config("lra_listops"), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

@@ -1,6 +1,6 @@
 """Checks that a trained MQAR model's accuracy is causal: test accuracy from the full
 forward against accuracy when every position's logits come from the tokens up to it
-alone (``effx.generate.decode_logits(recompute=True)``), and with the answers that follow
+alone (``effx.models.generate.decode_logits(recompute=True)``), and with the answers that follow
 earlier queries hidden (set to the filler id), on the first 128 test examples.
 
   python experiments/results/cpu/mqar/prefix_check.py WORKDIR [WORKDIR ...]
@@ -11,9 +11,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from effx import generate
+from effx.models import generate
 from effx.data import mqar
-from effx.evaluate import restore
+from effx.training.restore import restore
 
 NUM_EXAMPLES = 128
 

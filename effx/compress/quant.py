@@ -22,7 +22,7 @@ contractions (scores, feature maps, ``mixer``) stay float.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 import qwix
 
-from effx import axes
+from effx.common import axes, schema
+from effx.compress.part import Part
 
 MODES = ("none", "qat", "int")
 WEIGHT_QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
@@ -72,6 +73,21 @@ def wrap(model: nn.Module, quant: Any) -> nn.Module:
   quantization is off)."""
   chosen = provider(quant)
   return model if chosen is None else qwix.quantize_model(model, chosen)
+
+
+class Quantization(Part):
+  """``config.quant`` in a run: the model's matmuls go through qwix (fake-quantized in
+  QAT, integer in an export, which is evaluated only and never trains)."""
+
+  def __init__(self, section):
+    self.section = section
+    if section["mode"] == "int":
+      self.training_error = ("config.quant.mode='int' is an integer export (python -m "
+                             "effx.quantize) for evaluation; train with mode 'none' or "
+                             "'qat' and export after")
+
+  def wrap_model(self, model: nn.Module) -> nn.Module:
+    return wrap(model, self.section)
 
 
 def check_model(quant: Any, model_config) -> None:
@@ -140,3 +156,30 @@ def size_bytes(params) -> int:
     else:
       total += np.size(leaf) * np.dtype(leaf.dtype).itemsize
   return int(np.ceil(total))
+
+
+def check(section: Mapping[str, Any]) -> None:
+  """``config.quant``: keys, types, and values that cannot work."""
+  schema.check_section("quant", section, DEFAULTS)
+  values = {**DEFAULTS, **dict(section)}
+  if values["mode"] not in MODES:
+    raise ValueError(f"quant.mode={values['mode']!r}; one of {', '.join(MODES)}")
+  if values["weight_qtype"] not in WEIGHT_QTYPES:
+    raise ValueError(f"quant.weight_qtype={values['weight_qtype']!r}; one of "
+                     f"{', '.join(WEIGHT_QTYPES)}")
+  if values["act_qtype"] == "int4":
+    raise ValueError("quant.act_qtype='int4': 4-bit activations are not supported (w4a4 "
+                     "does not compile on XLA:CPU); use act_qtype='int8' or 'none' "
+                     "(weight-only)")
+  if values["act_qtype"] not in ACT_QTYPES:
+    raise ValueError(f"quant.act_qtype={values['act_qtype']!r}; one of "
+                     f"{', '.join(ACT_QTYPES)}")
+  if values["tile_size"] < 0:
+    raise ValueError(f"quant.tile_size={values['tile_size']} must be >= 0 (0: per channel)")
+  schema.check_regexes("quant", values, ("include", "exclude"))
+  if values["mode"] == "none":
+    changed = [k for k, default in DEFAULTS.items() if values[k] != default]
+    if changed:
+      raise ValueError(f"{', '.join('quant.' + k for k in changed)} set but quant.mode is "
+                       "'none': set quant.mode='qat' (or export with effx.quantize), or "
+                       "leave the quant section at its defaults")

@@ -13,7 +13,7 @@
    ``jax.distributed.initialize()`` finds the others from the TPU's metadata.
 
 The workdir must be a bucket that the workers and this machine both reach: checkpoints go
-there through orbax, metrics, results and the sweep's manifest through ``effx.files``.
+there through orbax, metrics, results and the sweep's manifest through ``effx.common.files``.
 Trials run one after another, each on the whole slice; the sweep's resume, retry and
 report are the local launcher's. The TPU is left running at the end (``gcloud compute
 tpus tpu-vm delete NAME --zone=ZONE`` deletes it).
@@ -25,11 +25,18 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import time
+from typing import Callable
+
+from effx.launch.manifest import Manifest, keep_log, local_log, settle, stage
+from effx.launch.trials import Trial, command, trial_spec
 
 # Runtime images per TPU generation (cloud.google.com/tpu/docs/runtimes).
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKED = ("pyproject.toml", "README.md", "effx", "configs")
 REMOTE_DIR = "effx"  # the checkout's folder in each worker's home
 ARCHIVE = "effx.tar.gz"
@@ -137,3 +144,71 @@ def setup(pod: Pod, specs: list[str], archive: str) -> list[list[str]]:
   """The commands that put this checkout (and the config files ``specs`` outside it) on
   every worker, in order, once the TPU is up."""
   return [pack(specs, archive), pod.copy(archive), pod.ssh(install())]
+
+
+def tpu_plan(spec: str, workdir: str, trials: list[Trial], pod) -> list[list[str]]:
+  """Every command the ``tpu`` launcher runs for ``trials``, in order (creation first,
+  done only when ``pod.describe()`` fails; with ``--queued``, then waiting until the
+  queued resource is ACTIVE)."""
+  archive = os.path.join(stage(workdir), ARCHIVE)
+  specs = [spec, *(trial_spec(spec, t.overrides)[0] for t in trials)]
+  return [pod.create(), *setup(pod, specs, archive),
+          *(pod.ssh(worker_command(command(spec, workdir, t, python="python3",
+                                               distributed=True)))
+            for t in trials)]
+
+
+def _checked(cmd: list[str]) -> None:
+  """Runs a setup command; its failure is one message naming it."""
+  if subprocess.run(cmd).returncode != 0:
+    raise OSError(f"this failed (its output is above): {shlex.join(cmd)}")
+
+
+def run_tpu(spec: str, workdir: str, manifest: Manifest, pod,
+            progress: Callable[[int], None] | None = None) -> None:
+  """Runs the manifest's pending trials one after another on every worker of ``pod``
+  (an ``effx.launch.tpu.Pod``), creating it first when it does not exist."""
+  pending = [t for t in manifest.trials if t.status == "pending"]
+  if not pending:
+    return
+  if shutil.which("gcloud") is None:
+    raise FileNotFoundError("gcloud not found: the tpu launcher runs the Google Cloud CLI "
+                            "(cloud.google.com/sdk); --dry-run prints its commands")
+  create, *setup_commands = tpu_plan(spec, workdir, pending, pod)[:4]
+  if subprocess.run(pod.describe(), capture_output=True).returncode != 0:
+    print(f"creating {pod.name}: {shlex.join(create)}", flush=True)
+    _checked(create)
+    while pod.queued:
+      state = subprocess.run(pod.state(), capture_output=True, text=True).stdout.strip()
+      if state == "ACTIVE":
+        break
+      if state in ("FAILED", "SUSPENDED"):
+        raise RuntimeError(f"the queued resource {pod.name} is {state}: "
+                           f"{shlex.join(pod.state()[:-1])} says why")
+      time.sleep(60)
+  os.makedirs(stage(workdir), exist_ok=True)
+  for step in setup_commands:
+    _checked(step)
+  queue, tries = list(pending), {t.name: 0 for t in pending}
+  while queue:
+    trial = queue.pop(0)
+    tries[trial.name] += 1
+    trial.status, trial.attempts = "running", trial.attempts + 1
+    manifest.save()
+    remote = worker_command(command(spec, workdir, trial, python="python3",
+                                        distributed=True))
+    with open(local_log(workdir, trial), "a", encoding="utf-8") as log:
+      try:
+        returncode = subprocess.run(pod.ssh(remote), stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+      except KeyboardInterrupt:
+        trial.status = "interrupted"  # resumes from its last checkpoint on the rerun
+        manifest.save()
+        raise
+      finally:
+        log.close()
+        keep_log(workdir, trial)
+    if settle(workdir, trial, returncode, local_log(workdir, trial), tries[trial.name],
+               progress):
+      queue.append(trial)
+    manifest.save()

@@ -9,7 +9,10 @@ student encoder on unlabeled text (``data.task="sentences"``): then the output l
 need logits and labels and must be 0), and the student is evaluated, and its best
 checkpoint chosen, by the mean cosine similarity of its embeddings to the teacher's.
 
-The teacher's forward pass runs inside the student's jitted step, on the same batch,
+This module holds the losses, the layer maps, the copy of a teacher's layers into a
+new student and every check of ``config.distill``; ``effx.training.teachers`` loads the
+teacher and ``effx.training.objectives.Distillation`` runs both models. The teacher's
+forward pass runs inside the student's jitted step, on the same batch,
 without gradients; its variables are an argument of the step (not part of the student's
 state: never donated, never checkpointed). ``workdir/teacher.json`` records
 the teacher's path, step and a SHA-256 of its parameters; a resumed run refuses a
@@ -62,22 +65,15 @@ Routing centroids) that the teacher lacks keep their fresh initialisation (logge
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-from typing import Any
+from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from effx import axes, models, quant
-from effx import workdir as workdir_lib
-from effx.objectives import Classification, forward
+from effx.common import axes, schema
 
 DEFAULTS = dict(teacher_workdir="", teacher_model="", temperature=2.0, kd_weight=1.0,
                 ce_weight=0.1, embedding_weight=0.0, hidden_weight=0.0, hidden_loss="mse",
@@ -92,14 +88,6 @@ HIDDEN_LOSSES = ("mse", "cosine")
 # Families whose output is exactly softmax(QKᵀ/√d)V over every key: their attention
 # distribution is the one attention_kl_weight compares.
 SOFTMAX_FAMILIES = ("dense", "blockwise")
-_log = logging.getLogger(__name__)
-
-
-def defaults() -> ml_collections.ConfigDict:
-  """``config.distill`` with every key at its default (``teacher_workdir=""`` and
-  ``teacher_model=""``: off; a distillation config sets one to None, which must be
-  overridden)."""
-  return ml_collections.ConfigDict(dict(DEFAULTS))
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
@@ -109,148 +97,6 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ..
   mapped = [min((i + 1) * k - 1, teacher_layers - 1) for i in range(student_layers)]
   mapped[-1] = teacher_layers - 1
   return tuple(mapped)
-
-
-def params_sha256(params) -> str:
-  """SHA-256 of every parameter's path, shape, dtype and bytes (host order)."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
-    array = np.asarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}:{array.shape}:{array.dtype}".encode())
-    digest.update(array.tobytes())
-  return digest.hexdigest()
-
-
-class Teacher:
-  """A finished run's model and best parameters.
-
-  Attributes:
-    model: the teacher's Linen model.
-    variables: ``{"params": ..., "model_state": ...}`` (host arrays until placed).
-    config: the teacher run's config.
-    step: the step of its best checkpoint.
-    sha256: ``params_sha256`` of its parameters.
-  """
-
-  def __init__(self, workdir: str, student_data: dict[str, Any], task,
-               student_model_config):
-    from effx import checkpoint as ckpt  # noqa: PLC0415 (trainer imports this module)
-    from effx import trainer, validate  # noqa: PLC0415
-
-    where = f"distill.teacher_workdir={workdir!r}"
-    if not os.path.isdir(workdir):
-      raise FileNotFoundError(f"{where}: no such folder (the workdir of a finished "
-                              "effx.train run)")
-    try:
-      config = trainer.load_workdir_config(workdir)
-    except (OSError, ValueError, KeyError) as error:
-      raise ValueError(f"{where}: not an effx.train workdir ({error})") from None
-    task_name = student_data["task"]
-    if config.data.task != task_name:
-      raise ValueError(f"{where} was trained on data.task={config.data.task!r}; the student's "
-                       f"task is {task_name!r}")
-    other = {k: (config.data.get(k), v) for k, v in student_data.items()
-             if k != "cache_dir"
-             and workdir_lib.normalise(config.data.get(k)) != workdir_lib.normalise(v)}
-    if other:
-      raise ValueError(f"{where} was trained on other data: " + ", ".join(
-          f"data.{k}={t!r} (student: {s!r})" for k, (t, s) in other.items()) +
-          "; distil on the teacher's data")
-    teacher_model_config = validate.model(config, task)
-    for key in ("vocab_size", "num_classes", "kind"):
-      a, b = getattr(teacher_model_config, key), getattr(student_model_config, key)
-      if a != b:
-        raise ValueError(f"{where}: the teacher has model.{key}={a!r}, the student {b!r}")
-    self.config, self.model_config = config, teacher_model_config
-    self.model = quant.wrap(models.build(teacher_model_config), config.quant)
-    dummy = jnp.zeros((1, task.max_len), jnp.int32)
-    dummies = (dummy, dummy) if task.dual else (dummy,)
-    shapes = jax.eval_shape(
-        lambda: self.model.init({"params": jax.random.PRNGKey(0),
-                                 "dropout": jax.random.PRNGKey(0)}, *dummies, train=False))
-    shapes = nn.unbox(shapes)
-    target = {"params": shapes["params"],
-              "model_state": {k: v for k, v in shapes.items() if k != "params"}}
-    checkpoints = ckpt.Checkpoints(workdir, keep=1)
-    try:
-      step = checkpoints.best.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"{where}: no best checkpoint in {workdir}/best (has the "
-                                "run finished a validation?)")
-      try:
-        restored = checkpoints.restore_best(target, step)
-      except Exception as error:  # orbax raises many types for an unreadable folder
-        raise ValueError(f"{where}: best checkpoint {step} does not restore "
-                         f"({type(error).__name__}: {str(error)[:300]})") from None
-    finally:
-      checkpoints.close()
-    self.variables = {"params": restored["params"], "model_state": restored["model_state"]}
-    self.step = step
-    self.sha256 = params_sha256(self.variables["params"])
-    self.workdir = os.path.abspath(workdir)
-
-  def record(self, workdir: str) -> None:
-    """Writes ``workdir/teacher.json``; on a resume, refuses a teacher that changed."""
-    path = os.path.join(workdir, "teacher.json")
-    mine = {"workdir": self.workdir, "best_step": self.step, "params_sha256": self.sha256}
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
-      if stored["params_sha256"] != self.sha256:
-        raise workdir_lib.ConfigMismatchError(self._changed(stored))
-    if jax.process_index() == 0:
-      workdir_lib.write_json_atomic(path, mine)
-
-  def _changed(self, stored: dict) -> str:
-    return (f"the teacher in {self.workdir} (best step {self.step}) is not the one this run "
-            f"was distilled from (best step {stored['best_step']}, parameters "
-            f"{stored['params_sha256'][:12]}..., now {self.sha256[:12]}...); use another "
-            "--workdir for the new teacher")
-
-
-class PretrainedTeacher(Teacher):
-  """A pretrained model folder as the teacher (``effx.pretrained``, dense attention), with
-  ``Teacher``'s attributes; ``step`` is 0 and ``workdir`` is the folder."""
-
-  def __init__(self, folder: str, student_model_config):  # pylint: disable=super-init-not-called
-    from effx import pretrained  # noqa: PLC0415 (imports models)
-
-    where = f"distill.teacher_model={folder!r}"
-    try:
-      loaded = pretrained.load(folder)
-    except pretrained.PretrainedError as error:
-      raise pretrained.PretrainedError(f"{where}: {error}") from None
-    if student_model_config.kind != "encoder":
-      raise ValueError(f"{where} is a sentence encoder; the student must be one too "
-                       f"(model.kind='encoder', data.task='sentences'), not "
-                       f"{student_model_config.kind!r}")
-    if student_model_config.vocab_size != loaded.config.vocab_size:
-      raise ValueError(f"{where} has vocab_size {loaded.config.vocab_size}, the student "
-                       f"{student_model_config.vocab_size}: tokenize the data with the "
-                       "teacher's tokenizer (data.tokenizer)")
-    self.config, self.model_config, self.model = None, loaded.config, loaded.model
-    self.variables = {"params": loaded.params, "model_state": loaded.state}
-    self.step = 0
-    self.sha256 = params_sha256(self.variables["params"])
-    self.workdir = os.path.abspath(loaded.folder)
-    self.tokenizer_file = os.path.join(self.workdir, "tokenizer.json")
-
-  def _changed(self, stored: dict) -> str:
-    return (f"the model in {self.workdir} (parameters {self.sha256[:12]}...) is not the "
-            f"teacher this run was distilled from ({stored['workdir']}, parameters "
-            f"{stored['params_sha256'][:12]}...); use another --workdir for the new teacher")
-
-
-def _same_tokenizer(data: dict, teacher: PretrainedTeacher) -> None:
-  """The sentences task must be tokenized as the teacher tokenizes."""
-  from effx import pretrained  # noqa: PLC0415
-
-  folder = data.get("tokenizer") or pretrained.default_folder()
-  mine = os.path.join(os.path.expanduser(folder), "tokenizer.json")
-  with open(mine, "rb") as a, open(teacher.tokenizer_file, "rb") as b:
-    if a.read() != b.read():
-      raise ValueError(f"data.tokenizer={folder!r} is not the teacher's tokenizer "
-                       f"({teacher.tokenizer_file}); tokenize with the teacher's folder")
 
 
 def init_student(student_params, teacher_params, layer_map: tuple[int, ...]):
@@ -323,22 +169,23 @@ def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   return jnp.einsum("nbqhd,nbkhd->nbhqk", q, k) * q.shape[-1] ** -0.5
 
 
-class Distillation(Classification):
-  """The student's distillation loss; evaluated (and its best checkpoint chosen) as a
-  classifier on the labels, or, for sentence encoders (``embedding=True``), by the mean
-  cosine similarity of its embeddings to the teacher's. ``layer_map``: the teacher layer
-  of each student layer; ``relation_heads``: the value relation's head count (``setup``
-  resolves the config's 0 to the teacher's ``num_heads``)."""
+def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Cosine similarity of the rows of ``a`` and ``b`` ``[batch, d]``."""
+  return jnp.sum(a * b, -1) / jnp.maximum(
+      jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-8)
 
-  progress = ("loss", "accuracy", "kd")
 
-  def __init__(self, model: nn.Module, teacher_model: nn.Module, options: Any,
-               layer_map: tuple[int, ...], relation_heads: int, *, embedding: bool = False):
-    super().__init__(model)
-    self.teacher_model = teacher_model
+
+class Losses:
+  """The weighted losses of ``config.distill`` between a student's and a teacher's
+  outputs on one batch. ``layer_map``: the teacher layer of each student layer;
+  ``relation_heads``: the value relation's head count (``check_pair`` resolves the
+  config's 0); ``embedding``: sentence encoders (the output loss is 1 - cos of the
+  embeddings; kd and ce need logits and labels)."""
+
+  def __init__(self, options: Any, layer_map: tuple[int, ...], relation_heads: int, *,
+               embedding: bool = False):
     self.embedding = embedding
-    if embedding:
-      self.best_metric, self.progress = "cosine", ("loss", "cosine")
     self.temperature = float(options.temperature)
     self.weights = {k: float(options[f"{k}_weight"])
                     for k in ("kd", "ce", "embedding", "hidden", "attention",
@@ -346,17 +193,17 @@ class Distillation(Classification):
     self.hidden_loss = options.hidden_loss
     self.layer_map = layer_map
     self.relation_heads = relation_heads
+    # The relation losses read each layer's projected heads (forward(capture=True)).
     self.capture = bool(self.weights["value_relation"] or self.weights["attention_kl"])
 
-  def loss(self, params, model_state, batch, rng, extra: Any = None):
-    logits, aux, new_state = forward(self.model, params, model_state, batch, train=True,
-                                     rng=rng, capture=self.capture)
-    t_logits, t_aux, _ = forward(self.teacher_model, extra["params"], extra["model_state"],
-                                 batch, train=False, capture=self.capture)
+  def __call__(self, logits, aux, t_logits, t_aux, batch) -> tuple[jax.Array, dict]:
+    """``(total, values)``: the weighted sum and each loss (plus accuracy / cosine) of
+    the student's ``logits, aux`` against the teacher's (gradients stopped) on
+    ``batch``."""
     t_logits, t_aux = jax.lax.stop_gradient((t_logits, t_aux))
     logits, t_logits = logits.astype(jnp.float32), t_logits.astype(jnp.float32)
     if self.embedding:
-      cosine = jnp.mean(_cosine(logits, t_logits))
+      cosine = jnp.mean(cosine(logits, t_logits))
       values = {"cosine": cosine}
       total = self.weights["embedding"] * (1.0 - cosine)
     else:
@@ -398,91 +245,118 @@ class Distillation(Classification):
                                           attention_logits(s_heads["q"], s_heads["k"]),
                                           aux["mask"])
       total = total + self.weights["attention_kl"] * values["attention_kl"]
-    return total, (values, new_state)
-
-  def eval_sums(self, params, model_state, batch, carry=None, extra=None):
-    """Classification's sums; for encoders, the summed cosine similarity to the
-    teacher's embeddings (``extra``: the teacher's variables)."""
-    if not self.embedding:
-      return super().eval_sums(params, model_state, batch, carry)
-    if extra is None:
-      raise ValueError("evaluating a distilled encoder needs its teacher (extra)")
-    out, _, _ = forward(self.model, params, model_state, batch, train=False)
-    t_out, _, _ = forward(self.teacher_model, extra["params"], extra["model_state"], batch,
-                          train=False)
-    cosine = _cosine(out.astype(jnp.float32), t_out.astype(jnp.float32))
-    weights = batch["weights"]
-    return {"cosine": jnp.sum(cosine * weights), "loss": jnp.sum((1.0 - cosine) * weights),
-            "count": jnp.sum(weights)}, carry
-
-  def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-    if not self.embedding:
-      return Classification.eval_metrics(totals)
-    count = max(totals["count"], 1.0)
-    return {"cosine": totals["cosine"] / count, "loss": totals["loss"] / count,
-            "examples": int(totals["count"])}
+    return total, values
 
 
-def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Cosine similarity of the rows of ``a`` and ``b`` ``[batch, d]``."""
-  return jnp.sum(a * b, -1) / jnp.maximum(
-      jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), 1e-8)
+def defaults() -> ml_collections.ConfigDict:
+  """``config.distill`` with every key at its default (``teacher_workdir=""`` and
+  ``teacher_model=""``: off; a distillation config sets one to None, which must be
+  overridden)."""
+  return ml_collections.ConfigDict(dict(DEFAULTS))
 
 
-def setup(config, task, student_model_config, student_model):
-  """``(objective, teacher)`` for ``config`` when ``config.distill.teacher_workdir`` is
-  set, else ``(None, None)``. Raises one clear message on a bad teacher or options."""
-  options = config.distill
-  if options.teacher_model:
-    teacher = PretrainedTeacher(os.path.expanduser(options.teacher_model),
-                                student_model_config)
-    if config.data.task == "sentences":
-      _same_tokenizer(config.data.to_dict(), teacher)
-  elif options.teacher_workdir:
-    teacher = Teacher(os.path.expanduser(options.teacher_workdir), config.data.to_dict(),
-                      task, student_model_config)
-  else:
-    return None, None
-  embedding = student_model_config.kind == "encoder"
-  if options.embedding_weight and not embedding:
+def teacher_of(section: Mapping[str, Any]) -> str:
+  """The teacher a ``config.distill`` names (a workdir or a model folder; "" for none)."""
+  return section.get("teacher_workdir") or section.get("teacher_model") or ""
+
+
+# Every check of config.distill is in this module: ``check`` before anything is loaded,
+# ``check_pair`` once the teacher's model is known.
+
+
+def check(section: Mapping[str, Any], *, kind: str, task: str,
+          init_checkpoint: str = "") -> None:
+  """``config.distill`` for a student of model kind ``kind`` on ``data.task=task``: keys,
+  types, values that cannot work, and losses the student's kind does not have."""
+  values = dict(section)
+  for key, what in (("teacher_workdir", "the workdir of a finished effx.train run"),
+                    ("teacher_model", "a pretrained model folder")):
+    if values.get(key, "") is None:
+      raise ValueError(f"distill.{key} is not set: pass --config.distill.{key}=<{what}>")
+  schema.check_section("distill", values, DEFAULTS)
+  values = {**DEFAULTS, **values}
+  if values["teacher_workdir"] and values["teacher_model"]:
+    raise ValueError(f"distill.teacher_workdir={values['teacher_workdir']!r} and "
+                     f"distill.teacher_model={values['teacher_model']!r} both name a "
+                     "teacher; set one")
+  for key in ("kd_weight", "ce_weight", "embedding_weight", "hidden_weight",
+              "attention_weight", "value_relation_weight", "attention_kl_weight",
+              "relation_heads"):
+    if values[key] < 0:
+      raise ValueError(f"distill.{key}={values[key]} must be >= 0")
+  if values["temperature"] <= 0:
+    raise ValueError(f"distill.temperature={values['temperature']} must be positive")
+  if values["hidden_loss"] not in HIDDEN_LOSSES:
+    raise ValueError(f"distill.hidden_loss={values['hidden_loss']!r}; one of "
+                     f"{', '.join(HIDDEN_LOSSES)}")
+  teacher = teacher_of(values)
+  if not teacher:
+    changed = [k for k, default in DEFAULTS.items()
+               if k not in ("teacher_workdir", "teacher_model")
+               and schema.normalise(values[k]) != schema.normalise(default)]
+    if changed:
+      raise ValueError(f"{', '.join('distill.' + k for k in changed)} set but no teacher: set "
+                       "distill.teacher_workdir (a finished run) or distill.teacher_model (a "
+                       "pretrained model folder), or leave the distill section at its "
+                       "defaults")
+  if kind == "causal_lm" and teacher:
+    raise ValueError(f"distill teacher {teacher!r}: distillation of a language model "
+                     f"(data.task={task!r}) is not supported; unset it")
+  if kind == "encoder":
+    if not teacher:
+      raise ValueError(f"data.task={task!r} has no labels: it trains a sentence encoder "
+                       "toward a teacher; set distill.teacher_model (a pretrained model "
+                       "folder) or distill.teacher_workdir")
+    if values["kd_weight"] or values["ce_weight"]:
+      raise ValueError(f"distill.kd_weight={values['kd_weight']} / ce_weight="
+                       f"{values['ce_weight']}: a sentence encoder has neither logits nor "
+                       "labels; set both to 0 and use distill.embedding_weight (and hidden / "
+                       "attention / value-relation losses)")
+    weights = ("embedding_weight", "hidden_weight", "attention_weight",
+               "value_relation_weight", "attention_kl_weight")
+    if not any(values[k] for k in weights):
+      raise ValueError(f"every loss weight of the sentence encoder is 0: set at least one "
+                       f"of {', '.join('distill.' + k for k in weights)}")
+  elif values["embedding_weight"]:
     raise ValueError("distill.embedding_weight compares sentence embeddings: it needs "
-                     f"model.kind='encoder' (this student is {student_model_config.kind!r})")
-  if embedding and options.init_from_teacher:
-    differ = [f"model.{k}={getattr(student_model_config, k)!r} (teacher "
-              f"{getattr(teacher.model_config, k)!r})" for k in ARCHITECTURE_KEYS
-              if getattr(student_model_config, k) != getattr(teacher.model_config, k)]
+                     f"model.kind='encoder' (this student is {kind!r})")
+  if values["init_from_teacher"] and init_checkpoint:
+    raise ValueError("config.init_checkpoint and distill.init_from_teacher both say where "
+                     "the student starts: set one")
+
+
+def check_pair(options: Any, student, teacher) -> tuple[tuple[int, ...], int]:
+  """Checks that ``config.distill``'s losses can compare this student with this teacher
+  (``ModelConfig`` each); returns ``(layer_map, relation_heads)`` with the config's
+  defaults resolved."""
+  if student.kind == "encoder" and options.init_from_teacher:
+    differ = [f"model.{k}={getattr(student, k)!r} (teacher {getattr(teacher, k)!r})"
+              for k in ARCHITECTURE_KEYS if getattr(student, k) != getattr(teacher, k)]
     if differ:
       raise ValueError("distill.init_from_teacher copies the teacher's weights, which needs "
                        "its architecture: " + ", ".join(differ))
-  s_layers, t_layers = student_model_config.num_layers, teacher.model_config.num_layers
+  s_layers, t_layers = student.num_layers, teacher.num_layers
   layer_map = tuple(options.layer_map) or uniform_layer_map(s_layers, t_layers)
   if len(layer_map) != s_layers or not all(0 <= i < t_layers for i in layer_map):
     raise ValueError(f"distill.layer_map={tuple(options.layer_map)} must give one teacher "
                      f"layer (0..{t_layers - 1}) for each of the student's {s_layers} layers")
-  if options.init_from_teacher and config.init_checkpoint:
-    raise ValueError("config.init_checkpoint and distill.init_from_teacher both say where "
-                     "the student starts: set one")
   token_losses = options.hidden_weight or options.attention_weight
-  if token_losses and student_model_config.kind not in ("classifier", "encoder"):
+  if token_losses and student.kind not in ("classifier", "encoder"):
     raise ValueError("distill.hidden_weight / attention_weight need model.kind='classifier' "
-                     f"or 'encoder' (this student is {student_model_config.kind!r})")
-  if token_losses and student_model_config.emb_dim != teacher.model_config.emb_dim:
+                     f"or 'encoder' (this student is {student.kind!r})")
+  if token_losses and student.emb_dim != teacher.emb_dim:
     raise ValueError(
         f"distill.hidden_weight / attention_weight compare layer outputs, which needs equal "
-        f"model.emb_dim (teacher {teacher.model_config.emb_dim}, student "
-        f"{student_model_config.emb_dim}); a learned projection between widths is not "
-        "implemented yet")
-  if token_losses and student_model_config.pool != teacher.model_config.pool:
+        f"model.emb_dim (teacher {teacher.emb_dim}, student {student.emb_dim}); a learned "
+        "projection between widths is not implemented yet")
+  if token_losses and student.pool != teacher.pool:
     raise ValueError(f"distill.hidden_weight / attention_weight need the same model.pool "
-                     f"(teacher {teacher.model_config.pool!r}, student "
-                     f"{student_model_config.pool!r}): the CLS token shifts positions")
-  relation_heads = _check_relation_losses(options, student_model_config, teacher.model_config)
-  objective = Distillation(student_model, teacher.model, options, layer_map, relation_heads,
-                           embedding=embedding)
-  return objective, teacher
+                     f"(teacher {teacher.pool!r}, student {student.pool!r}): the CLS token "
+                     "shifts positions")
+  return layer_map, _relation_heads(options, student, teacher)
 
 
-def _check_relation_losses(options, student, teacher) -> int:
+def _relation_heads(options, student, teacher) -> int:
   """The number of relation heads; raises when a relation loss cannot apply."""
   if options.relation_heads and not options.value_relation_weight:
     raise ValueError(f"distill.relation_heads={options.relation_heads} set but "

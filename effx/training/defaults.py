@@ -1,18 +1,25 @@
 """The base of every training config: each top-level key with its default and meaning.
 
 ``configs/lra_<task>.py`` start from ``base(task)`` and set the LRA values; ``resize``
-is the ``:tiny`` / ``:small`` switch. ``effx.validate.config`` rejects any key not
+is the ``:tiny`` / ``:small`` switch. ``effx.training.validate.config`` rejects any key not
 listed here.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 
 from effx import data as data_lib
-from effx import distill, prune, quant
+from effx.common import files
+from effx.compress import distill, prune, quant
+from effx.models.config import DEFAULTS as MODEL_DEFAULTS
 
 SIZES = ("full", "small", "tiny")
+# Model keys the task decides; a config may repeat them only with the task's value.
+TASK_MODEL_KEYS = ("vocab_size", "num_classes", "max_len")
 
 # Logical axis -> mesh axis (None: replicated). Parameters shard their heads and MLP
 # hidden units over "model"; activations shard the batch over "data".
@@ -44,22 +51,20 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.data_threads = 2              # grain reader threads per host
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
   c.sharding_rules = DEFAULT_RULES
-  c.model = ml_collections.ConfigDict(dict(
-      kind=data_lib.model_kind(task),
-      num_layers=4, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024, dropout_rate=0.1,
-      attention_dropout_rate=0.1, attention="dense", attention_kwargs={},
-      pool="mean" if task == "sentences" else "cls",
-      positional="learned", reversible=False, remat="none", dtype="float32"))
-  c.model.ff_chunk_size = ml_collections.config_dict.placeholder(int)   # None: unchunked
-  c.model.classifier_dim = ml_collections.config_dict.placeholder(int)  # None: mlp_dim
-  if task in data_lib.LM_TASKS:  # segment memory of a causal LM (effx.layers.memory)
-    c.model.update(mem_len=0, compressed_len=0, compression_rate=2, compression="mean")
+  # The model's defaults are ModelConfig's (what a library user gets too), less the keys
+  # the task decides (vocab_size, num_classes, max_len: effx.training.validate.model).
+  model = {k: v for k, v in MODEL_DEFAULTS.items() if k not in TASK_MODEL_KEYS}
+  model.update(kind=data_lib.model_kind(task), pool="mean" if task == "sentences" else "cls")
+  c.model = ml_collections.ConfigDict({k: v for k, v in model.items() if v is not None})
+  for key, value in model.items():
+    if value is None:  # an optional int (None: off); placeholders keep the type checked
+      c.model[key] = ml_collections.config_dict.placeholder(int)
   c.data = ml_collections.ConfigDict(data_lib.defaults(task))
-  # Distillation from a finished run (effx.distill); teacher_workdir "" keeps it off.
+  # Distillation from a finished run (effx.compress.distill); teacher_workdir "" keeps it off.
   c.distill = distill.defaults()
-  # Magnitude pruning during training (effx.prune); method "none" keeps it off.
+  # Magnitude pruning during training (effx.compress.prune); method "none" keeps it off.
   c.prune = prune.defaults()
-  # Quantization-aware training or an integer export (effx.quant); mode "none" keeps it off.
+  # Quantization-aware training or an integer export (effx.compress.quant); mode "none" keeps it off.
   c.quant = quant.defaults()
   return c
 
@@ -87,3 +92,20 @@ def resize(c: ml_collections.ConfigDict, size: str | None) -> ml_collections.Con
   c.max_test_examples = 0 if small else 64
   c.data_threads = 2
   return c
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was started with."""
+  path = os.path.join(workdir, "config.json")
+  if not files.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} an effx.train workdir?")
+  values = json.loads(files.read_text(path))
+  values["sharding_rules"] = tuple(tuple(r) for r in values["sharding_rules"])
+  config = ml_collections.ConfigDict(values)
+  # Sections added to effx after the run was made take their defaults (they were off).
+  fresh = base(config.data.task)
+  with config.unlocked():
+    for section in ("distill", "prune", "quant"):
+      if section not in config:
+        config[section] = fresh[section]
+  return config

@@ -22,7 +22,8 @@ import os
 import time
 from typing import Any
 
-from effx import files
+from effx.common import files
+from effx.common.schema import normalise
 
 # Changing these never changes what a resumed step computes.
 HARMLESS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
@@ -36,7 +37,7 @@ class ConfigMismatchError(ValueError):
 
 def write_json_atomic(path: str, value: Any) -> None:
   """Writes ``value`` as JSON to ``path`` so that a reader (or a killed writer) never
-  sees half a file (``effx.files.write_text_atomic``)."""
+  sees half a file (``effx.common.files.write_text_atomic``)."""
   files.write_text_atomic(path, json.dumps(value, indent=2))
 
 
@@ -49,11 +50,6 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     else:
       out[f"{prefix}{key}"] = value
   return out
-
-
-def normalise(value):
-  """Lists and tuples compare equal element by element (JSON turns tuples into lists)."""
-  return [normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def differences(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -36,9 +36,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from effx import axes, models
+from effx import models
 from effx.attention import registry
+from effx.common import axes
 from effx.models.config import ModelConfig
 
 MODEL_TYPES = ("bert",)
@@ -288,7 +290,7 @@ class Tokenizer:
   (``[CLS] ... [SEP]``, truncated to ``max_length``)."""
 
   def __init__(self, folder: str, max_length: int, vocab_size: int):
-    from tokenizers import Tokenizer as HfTokenizer  # noqa: PLC0415
+    from tokenizers import Tokenizer as HfTokenizer  # noqa: PLC0415 (start-up time: loading a model needs none)
 
     path = os.path.join(_check_folder(folder), "tokenizer.json")
     if not os.path.exists(path):
@@ -315,6 +317,11 @@ class Tokenizer:
     if isinstance(texts, str):
       raise TypeError("Tokenizer.ids takes a list of texts, not one string")
     return [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+
+  def padded(self, texts: Sequence[str], length: int) -> np.ndarray:
+    """Token ids of each text zero-padded (or truncated) to ``length``: ``[texts,
+    length]`` int32."""
+    return _pad_rows(self.ids(texts), length)
 
 
 # ------------------------------------------------------------------------ the model
@@ -389,15 +396,17 @@ class Pretrained:
 
 
 def _progress(total: int, show: bool):
-  from tqdm import tqdm  # noqa: PLC0415
-
   return tqdm(total=total, disable=not show, unit="text", desc="embedding")
 
 
 def _pad_rows(rows: Iterable[Sequence[int]], length: int) -> np.ndarray:
-  from effx.data.base import pad  # noqa: PLC0415 (effx.data imports this module lazily)
-
-  return np.stack([pad(row, length) for row in rows])
+  """Token rows truncated or zero-padded to ``length``: ``[rows, length]`` int32."""
+  rows = list(rows)
+  out = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    row = np.asarray(row, np.int32)[:length]
+    out[i, :len(row)] = row
+  return out
 
 
 def build_config(folder: str, attention: str = "dense",

@@ -14,10 +14,10 @@ import os
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from effx import axes, files
+from effx.common import axes, files
 
 
 def abstract_like(tree, shardings):

@@ -6,8 +6,9 @@ them, the metric that picks the best checkpoint, and what the progress line show
 trainer, its checkpoints, resume and sharding are the same for every objective.
 
 * ``Classification``: cross-entropy on class labels (every LRA task).
-* ``Distillation``: the student's loss against a frozen teacher's outputs on the same
-  batch (``effx.distill``), plus the labels' cross-entropy; evaluated as classification.
+* ``Distillation``: the student's losses against a frozen teacher's outputs on the same
+  batch (``effx.compress.distill``); evaluated as classification, or a sentence
+  encoder by its cosine to the teacher.
 * ``LanguageModel``: next-token cross-entropy of a causal LM, bits per byte; with segment
   memory, the memory is carried from step to step in the training state (so checkpoints
   hold it) and from batch to batch in evaluation (the objective's evaluation ``carry``).
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effx.compress import distill
 from effx.layers.memory import reset_memory
 
 
@@ -181,4 +183,54 @@ class LanguageModel:
     loss = totals["loss"] / count
     return {"bpb": loss / math.log(2), "perplexity": math.exp(min(loss, 700.0)),
             "accuracy": totals["correct"] / count, "loss": loss,
+            "examples": int(totals["count"])}
+
+
+class Distillation(Classification):
+  """A student trained toward a frozen teacher (``effx.training.teachers``) on the same
+  batch: both forward passes, then ``losses`` (``effx.compress.distill.Losses``). The
+  teacher's variables arrive as ``extra`` (an argument of the step: never donated, never
+  checkpointed). Evaluated (and its best checkpoint chosen) as a classifier on the
+  labels, or, for sentence encoders, by the mean cosine similarity of its embeddings to
+  the teacher's."""
+
+  progress = ("loss", "accuracy", "kd")
+
+  def __init__(self, model: nn.Module, teacher_model: nn.Module, losses: distill.Losses):
+    super().__init__(model)
+    self.teacher_model, self.losses = teacher_model, losses
+    self.embedding = losses.embedding
+    self.layer_map = losses.layer_map
+    if self.embedding:
+      self.best_metric, self.progress = "cosine", ("loss", "cosine")
+
+  def loss(self, params, model_state, batch, rng, extra: Any = None):
+    capture = self.losses.capture
+    logits, aux, new_state = forward(self.model, params, model_state, batch, train=True,
+                                     rng=rng, capture=capture)
+    t_logits, t_aux, _ = forward(self.teacher_model, extra["params"], extra["model_state"],
+                                 batch, train=False, capture=capture)
+    total, values = self.losses(logits, aux, t_logits, t_aux, batch)
+    return total, (values, new_state)
+
+  def eval_sums(self, params, model_state, batch, carry=None, extra=None):
+    """Classification's sums; for encoders, the summed cosine similarity to the
+    teacher's embeddings (``extra``: the teacher's variables)."""
+    if not self.embedding:
+      return super().eval_sums(params, model_state, batch, carry)
+    if extra is None:
+      raise ValueError("evaluating a distilled encoder needs its teacher (extra)")
+    out, _, _ = forward(self.model, params, model_state, batch, train=False)
+    t_out, _, _ = forward(self.teacher_model, extra["params"], extra["model_state"], batch,
+                          train=False)
+    cosine = distill.cosine(out.astype(jnp.float32), t_out.astype(jnp.float32))
+    weights = batch["weights"]
+    return {"cosine": jnp.sum(cosine * weights), "loss": jnp.sum((1.0 - cosine) * weights),
+            "count": jnp.sum(weights)}, carry
+
+  def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+    if not self.embedding:
+      return Classification.eval_metrics(totals)
+    count = max(totals["count"], 1.0)
+    return {"cosine": totals["cosine"] / count, "loss": totals["loss"] / count,
             "examples": int(totals["count"])}

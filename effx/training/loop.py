@@ -12,31 +12,27 @@ exactly where an uninterrupted run would.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import os
-import resource
 import signal
 import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from effx import checkpoint as ckpt
-from effx import data as data_lib
-from effx import defaults, distill, metrics, models, objectives, optim, prune, sharding, steps
-from effx import files, quant, validate
-from effx import workdir as workdir_lib
+from effx.common import files
+from effx.compress import distill
 from effx.data import pipeline
-from effx.layers import memory as layer_memory
+from effx.training import checkpoint as ckpt
+from effx.training import defaults, metrics
+from effx.training import workdir as workdir_lib
+from effx.training.run import Run, peak_memory_bytes
+
 
 def _check_workdir(workdir: str) -> str:
   """The absolute workdir; a path that is a file, or that cannot be created, raises
@@ -54,14 +50,6 @@ def _check_workdir(workdir: str) -> str:
     kind = "a file" if not os.path.isdir(existing) else "not writable"
     raise PermissionError(f"workdir {workdir} cannot be created: {existing} is {kind}")
   return workdir
-
-
-def peak_memory_bytes() -> int:
-  """Peak device bytes in use on an accelerator, else the process's peak RSS."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"])
-  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class _Stop:
@@ -103,132 +91,6 @@ class _Stop:
       signal.signal(s, handler)
 
 
-class Run:
-  """A model, its sharded state and compiled steps for one config (training or eval)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, *, evaluation_only: bool = False,
-               devices=None, task: data_lib.TaskData | None = None,
-               teacher: bool | None = None):
-    """``evaluation_only``: no training extras (a distillation teacher is not loaded,
-    except that a sentence encoder is evaluated against its teacher). ``devices``: the
-    mesh's devices (default: all of this process's job's); ``task``: the task's data or
-    only its sizes (``data.describe``), instead of loading it; ``teacher``: whether to
-    load the distillation teacher (None: as ``evaluation_only`` says; ahead-of-time
-    compilation passes False, compiling the step without it)."""
-    validate.config(config, None if devices is None else len(devices))
-    self.config = config
-    self.task = task if task is not None else data_lib.load(config.data, config.seed)
-    self.model_config = validate.model(config, self.task)
-    built = models.build(self.model_config)
-    self.model = quant.wrap(built, config.quant)
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    self.rules = sharding.rules(config)
-    self.tx = optim.optimizer(config)
-    self.schedule = optim.schedule(config)
-    root = jax.random.PRNGKey(config.seed)
-    self.init_key, self.dropout_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-
-    data_size = self.mesh.shape["data"]
-    dummy = jnp.zeros((data_size, self.task.max_len), jnp.int32)
-    dummies = (dummy, dummy) if self.task.dual else (dummy,)
-
-    self.carries_memory = self.model_config.kind == "causal_lm" and bool(
-        self.model_config.mem_len or self.model_config.compressed_len)
-    self._empty_memory = built.initial_memory if self.carries_memory else None
-
-    def init(rng):
-      variables = self.model.init({"params": rng, "dropout": rng}, *dummies, train=False)
-      params = variables["params"]
-      model_state = {k: v for k, v in variables.items() if k != "params"}
-      if self.carries_memory:  # carried across steps in the state, so checkpoints hold it
-        model_state["memory"] = self._boxed_memory(config.batch_size)
-      # An integer export is evaluated only: no optimizer state over its integers.
-      opt_state = () if config.quant.mode == "int" else self.tx.init(params)
-      return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=opt_state, model_state=model_state)
-
-    with self.context():
-      boxed = jax.eval_shape(init, self.init_key)
-      self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
-      self.abstract_state = ckpt.abstract_like(sharding.strip_boxes(boxed),
-                                              self.state_shardings)
-      self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.eval_carry_sharding = None
-    if self.task.kind == "lm":
-      self.objective = objectives.LanguageModel(
-          self.model, self._empty_memory,
-          best_metric="accuracy" if config.data.task == "mqar" else "bpb")
-      if self.carries_memory:
-        self.eval_carry_sharding = self.state_shardings.model_state["memory"]
-    else:
-      self.objective = objectives.Classification(self.model)
-    self.extra = None  # what the objective needs besides the state (a teacher)
-    objective, self.teacher = None, None
-    if teacher is None:
-      # A distilled sentence encoder is evaluated against its teacher, so evaluation
-      # needs it too.
-      teacher = not evaluation_only or self.task.kind == "embedding"
-    if teacher:
-      objective, self.teacher = distill.setup(config, self.task, self.model_config,
-                                              self.model)
-    if objective is not None:
-      self.objective = objective
-      self.extra = jax.device_put(self.teacher.variables, sharding.replicated(self.mesh))
-    self._train_step = None
-    self._eval_step = jax.jit(functools.partial(steps.eval_step, objective=self.objective),
-                              out_shardings=(sharding.replicated(self.mesh),
-                                             self.eval_carry_sharding))
-
-  def _boxed_memory(self, batch: int):
-    return {name: nn.LogicallyPartitioned(value, layer_memory.memory_axes(name))
-            for name, value in self._empty_memory(batch).items()}
-
-  def context(self):
-    """Mesh and logical-axis rules, for tracing and running the steps."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
-
-  def init_state(self) -> steps.TrainState:
-    with self.context():
-      return self._init(self.init_key)
-
-  def train_step(self, state, batch):
-    if self._train_step is None:
-      fn = functools.partial(steps.train_step, objective=self.objective, tx=self.tx,
-                             schedule=self.schedule, dropout_key=self.dropout_key,
-                             accumulate=self.config.grad_accum_steps)
-      extra = sharding.replicated(self.mesh) if self.extra is not None else None
-      self._train_step = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding,
-                                                   extra),
-                                 out_shardings=(self.state_shardings,
-                                                sharding.replicated(self.mesh)),
-                                 donate_argnums=(0,))
-    with self.context():
-      return self._train_step(state, sharding.global_batch(batch, self.mesh), self.extra)
-
-  def evaluate(self, params, model_state, split: str, *, limit: int | None = None
-               ) -> dict[str, float]:
-    """The objective's metrics (accuracy, loss, example count) of ``params`` on the first
-    ``limit`` examples of ``split`` (None: all of it)."""
-    totals = {}
-    with self.context():
-      carry = self.objective.eval_carry(self.config.batch_size)
-      if carry is not None:
-        carry = jax.device_put(carry, self.eval_carry_sharding)
-      for batch in pipeline.eval_batches(self.task.splits[split], self.config.batch_size,
-                                         max_examples=limit):
-        sums, carry = self._eval_step(params, model_state,
-                                      sharding.global_batch(batch, self.mesh), carry,
-                                      self.extra)
-        sums = jax.device_get(sums)
-        for k, v in sums.items():
-          totals[k] = totals.get(k, 0.0) + float(v)
-    return self.objective.eval_metrics(totals)
-
-
 def _save_config(config, workdir: str) -> None:
   # Atomic: other hosts (and the next run) read it to compare configs.
   if jax.process_index() == 0:
@@ -236,33 +98,16 @@ def _save_config(config, workdir: str) -> None:
                                   json.loads(config.to_json_best_effort()))
 
 
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in ``workdir`` was started with."""
-  path = os.path.join(workdir, "config.json")
-  if not files.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} an effx.train workdir?")
-  values = json.loads(files.read_text(path))
-  values["sharding_rules"] = tuple(tuple(r) for r in values["sharding_rules"])
-  config = ml_collections.ConfigDict(values)
-  # Sections added to effx after the run was made take their defaults (they were off).
-  base = defaults.base(config.data.task)
-  with config.unlocked():
-    for section in ("distill", "prune", "quant"):
-      if section not in config:
-        config[section] = base[section]
-  return config
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, evaluates on validation every ``eval_every_steps``, checkpoints, and finally
   tests the best-on-validation parameters. Returns (and writes to
   ``workdir/results.json``) the results."""
   start_time = time.perf_counter()
-  if config.quant.mode == "int":
-    raise ValueError("config.quant.mode='int' is an integer export (python -m effx.quantize) "
-                     "for evaluation; train with mode 'none' or 'qat' and export after")
   workdir = _check_workdir(workdir)
   run = Run(config)  # validates the config and loads the data; writes nothing
+  for part in run.parts:
+    if part.training_error:
+      raise ValueError(part.training_error)
   config_values = json.loads(config.to_json_best_effort())
   changes = workdir_lib.check_resume(
       workdir, config_values,
@@ -337,8 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stop = _Stop()
   stop.install()
   # A pruned run's best checkpoint must have its final sparsity: chosen after pruning ends.
-  best_from = (prune.window(config.prune, config.num_train_steps)[1]
-               if config.prune.method != "none" else 0)
+  best_from = max([0] + [part.best_from() for part in run.parts])
   progress = metrics.Progress(start, config.num_train_steps, config.batch_size,
                               objective.progress)
   pending: list[dict[str, jax.Array]] = []
@@ -385,9 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if evaluate:
         result = run.evaluate(state.params, state.model_state, "validation",
                               limit=config.max_eval_examples or None)
-        if config.prune.method != "none":
-          result["sparsity"] = prune.sparsity(state.params, config.prune.include,
-                                              config.prune.exclude)["all"]
+        for part in run.parts:
+          result.update(part.metrics(state.params))
         writer.write(step, "validation", {k: v for k, v in result.items() if k != "examples"})
         if not np.isfinite(result["loss"]):  # finite but diverged parameters
           diverged("validation loss", result["loss"], step)
@@ -443,9 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "config": config_values,
   }
-  if config.prune.method != "none":
-    results["sparsity"] = prune.sparsity(state.params, config.prune.include,
-                                         config.prune.exclude)
+  for part in run.parts:
+    results.update(part.results(state.params))
   results["sessions"] = sessions.all()
   if jax.process_index() == 0:
     workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)

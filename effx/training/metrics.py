@@ -17,8 +17,10 @@ import tempfile
 import time
 
 import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
-from effx import files
+from effx.common import files
 
 
 class Writer:
@@ -37,8 +39,6 @@ class Writer:
       # A bucket has no append: the rows are kept here and the object rewritten whole.
       self._remote_rows = ([json.dumps(row) + "\n" for row in kept]
                            if files.is_remote(self._jsonl) else None)
-      from tensorboardX import SummaryWriter  # noqa: PLC0415
-
       tb_dir = os.path.join(workdir, "tensorboard")
       old_events = (files.glob(tb_dir, "events.out.tfevents.*") if files.isdir(tb_dir)
                     else [])
@@ -121,8 +121,6 @@ class Progress:
     self._last_step, self._last_time = start, time.perf_counter()
     self._bar = None
     if sys.stderr.isatty() and jax.process_index() == 0:
-      from tqdm import tqdm  # noqa: PLC0415
-
       self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
   def update(self, step: int, values: dict[str, float]) -> dict[str, float]:

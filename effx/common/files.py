@@ -9,6 +9,7 @@ rewrites ``metrics.jsonl`` from the rows it holds, a sweep uploads each trial's 
 
 from __future__ import annotations
 
+import glob as glob_lib
 import os
 import shutil
 import tempfile
@@ -19,11 +20,11 @@ def is_remote(path: str) -> bool:
 
 
 def _epath(path: str):
-  from etils import epath  # noqa: PLC0415
+  from etils import epath  # noqa: PLC0415 (only for bucket paths: start-up time)
 
   if str(path).startswith("gs://"):
     try:
-      import gcsfs  # noqa: F401, PLC0415
+      import gcsfs  # noqa: F401, PLC0415 (an optional dependency, named when missing)
     except ImportError:
       raise OSError(f"{path}: reading and writing gs:// needs gcsfs: pip install -e "
                     "'.[gcs]'") from None
@@ -107,8 +108,6 @@ def glob(folder: str, pattern: str) -> list[str]:
   """The paths in ``folder`` whose names match ``pattern``."""
   if is_remote(folder):
     return [str(p) for p in _epath(folder).glob(pattern)]
-  import glob as glob_lib  # noqa: PLC0415
-
   return glob_lib.glob(os.path.join(folder, pattern))
 
 

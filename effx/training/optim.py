@@ -1,4 +1,5 @@
-"""AdamW with the LRA learning-rate schedules, clipping and gradient accumulation."""
+"""AdamW with the LRA learning-rate schedules and clipping (compression parts such as
+pruning wrap it in the run, ``effx.compress.parts``)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,4 @@ def optimizer(config) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                            weight_decay=config.weight_decay, mask=_decay_mask))
-  from effx import prune  # noqa: PLC0415
-
-  return prune.wrap(optax.chain(*parts), config)
+  return optax.chain(*parts)

@@ -1,7 +1,7 @@
 """Device mesh and logical-axis sharding for training.
 
 The mesh has axes ``("data", "model")``; parameters are sharded by the config's
-logical-axis rules (``effx.axes`` names -> mesh axes), batches along ``data``.
+logical-axis rules (``effx.common.axes`` names -> mesh axes), batches along ``data``.
 """
 
 from __future__ import annotations

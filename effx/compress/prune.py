@@ -20,7 +20,7 @@ optimizer state, so a checkpoint holds them and a resumed run continues exactly.
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from effx import axes
-from effx.axes import path_name
+from effx.common import axes, schema
+from effx.common.axes import path_name
+from effx.compress.part import Part
 
 METHODS = ("none", "magnitude", "movement")
 SCOPES = ("layer", "global")
@@ -196,16 +197,30 @@ def magnitude_pruning(inner: optax.GradientTransformation, **options):
   return pruning(inner, method="magnitude", **options)
 
 
-def wrap(tx: optax.GradientTransformation, config) -> optax.GradientTransformation:
-  """``tx`` with ``config.prune`` applied (unchanged when the method is ``"none"``)."""
-  prune = config.get("prune")  # a partial config (a benchmark's) has no pruning section
-  if prune is None or prune.method == "none":
-    return tx
-  start, end = window(prune, config.num_train_steps)
-  return pruning(tx, method=prune.method, initial=prune.initial_sparsity,
-                 target=prune.target_sparsity, start=start, end=end,
-                 update_every=prune.update_every, scope=prune.scope, include=prune.include,
-                 exclude=prune.exclude)
+class Pruning(Part):
+  """``config.prune`` in a run: the optimizer masks its updates, each validation reports
+  the sparsity over every pruned weight, ``results.json`` every parameter's, and the
+  best checkpoint is chosen once pruning has ended (at its final sparsity)."""
+
+  def __init__(self, section, num_train_steps: int):
+    self.section = section
+    self.start, self.end = window(section, num_train_steps)
+
+  def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    s = self.section
+    return pruning(tx, method=s.method, initial=s.initial_sparsity,
+                   target=s.target_sparsity, start=self.start, end=self.end,
+                   update_every=s.update_every, scope=s.scope, include=s.include,
+                   exclude=s.exclude)
+
+  def best_from(self) -> int:
+    return self.end
+
+  def metrics(self, params) -> dict[str, float]:
+    return {"sparsity": sparsity(params, self.section.include, self.section.exclude)["all"]}
+
+  def results(self, params) -> dict[str, dict[str, float]]:
+    return {"sparsity": sparsity(params, self.section.include, self.section.exclude)}
 
 
 def sparsity(params, include: str, exclude: str) -> dict[str, float]:
@@ -226,3 +241,23 @@ def sparsity(params, include: str, exclude: str) -> dict[str, float]:
     total += leaf.size
   out["all"] = zeros / max(total, 1)
   return out
+
+
+def check(section: Mapping[str, Any], num_train_steps: int) -> None:
+  """``config.prune``: keys, types, and values that cannot work."""
+  schema.check_section("prune", section, DEFAULTS)
+  values = {**DEFAULTS, **dict(section)}
+  for key, choices in (("method", METHODS), ("scope", SCOPES)):
+    if values[key] not in choices:
+      raise ValueError(f"prune.{key}={values[key]!r}; one of {', '.join(choices)}")
+  for key in ("target_sparsity", "initial_sparsity"):
+    if not 0.0 <= values[key] < 1.0:
+      raise ValueError(f"prune.{key}={values[key]} must be in [0, 1)")
+  schema.check_regexes("prune", values, ("include", "exclude"))
+  if values["update_every"] <= 0:
+    raise ValueError(f"prune.update_every={values['update_every']} must be positive")
+  if values["method"] != "none":
+    start, end = window(values, num_train_steps)
+    if not 0 <= start < end <= num_train_steps:
+      raise ValueError(f"prune.start_step={start} and end_step={end} must satisfy "
+                       f"0 <= start_step < end_step <= num_train_steps={num_train_steps}")
