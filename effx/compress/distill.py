@@ -203,9 +203,9 @@ class Losses:
     t_logits, t_aux = jax.lax.stop_gradient((t_logits, t_aux))
     logits, t_logits = logits.astype(jnp.float32), t_logits.astype(jnp.float32)
     if self.embedding:
-      cosine = jnp.mean(cosine(logits, t_logits))
-      values = {"cosine": cosine}
-      total = self.weights["embedding"] * (1.0 - cosine)
+      mean_cosine = jnp.mean(cosine(logits, t_logits))
+      values = {"cosine": mean_cosine}
+      total = self.weights["embedding"] * (1.0 - mean_cosine)
     else:
       t = self.temperature
       soft = jax.nn.softmax(t_logits / t)
