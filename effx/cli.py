@@ -25,7 +25,7 @@ import sys
 from typing import Callable, Sequence
 
 import ml_collections
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 
 OPEN_MAPPINGS = ("model.attention_kwargs",)
@@ -172,6 +172,10 @@ def run(define_flags: Callable[[], None], main: Callable[..., int | None], argv=
   """
   called = argv is not None
   argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+  if called:
+    # absl keeps the values of an earlier parse: a second call in one process must start
+    # from the defaults, not from the flags the previous call gave.
+    flags.FLAGS.unparse_flags()
   if define_flags not in _DEFINED:
     define_flags()
     _DEFINED.add(define_flags)
