@@ -2,6 +2,8 @@
 forward (teacher forcing), prompts of different lengths share a batch, sampling follows
 its seed, and what cannot decode says so."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,13 @@ import pytest
 
 from effx.models import generate
 from effx import models
+import effx.attention as ea
 from effx.attention import registry
 
 VOCAB = 50
+
+
+_TOKENS = jax.random.randint(jax.random.PRNGKey(0), (3, 20), 1, VOCAB)
 
 
 def _lm(attention="dense", kwargs=None, **overrides):
@@ -19,9 +25,33 @@ def _lm(attention="dense", kwargs=None, **overrides):
              num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0, positional="rotary",
              attention=attention, attention_kwargs=kwargs or {})
   model = models.build({**cfg, **overrides})
-  tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 20), 1, VOCAB)
-  params = model.init(jax.random.PRNGKey(1), tokens)["params"]
-  return model, params, tokens
+  return model, _variables(model)["params"], _TOKENS
+
+
+@functools.lru_cache(maxsize=None)
+def _has_own_variables(attention, kwargs):
+  q = jax.ShapeDtypeStruct((1, 20, 2, 8), jnp.float32)
+  module = ea.make(attention, causal=True, **dict(kwargs))
+  return bool(jax.tree.leaves(jax.eval_shape(module.init, jax.random.PRNGKey(0), q, q, q)))
+
+
+_VARIABLES: dict = {}
+
+
+def _variables(model):
+  """The model's initial variables, compiled once per parameter tree: a family without
+  variables of its own has exactly dense attention's tree, and segment memory adds none,
+  so those share the dense model's (same positional encoding) variables."""
+  cfg = model.config
+  kwargs = tuple(sorted(dict(cfg.attention_kwargs).items()))
+  own = _has_own_variables(cfg.attention, kwargs)
+  key = (cfg.attention, kwargs) if own else ("dense", cfg.positional)
+  if key not in _VARIABLES:
+    init_model = model if own else models.build(dict(
+        kind="causal_lm", vocab_size=VOCAB, max_len=64, num_layers=2, emb_dim=16,
+        num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0, positional=cfg.positional))
+    _VARIABLES[key] = jax.jit(init_model.init)(jax.random.PRNGKey(1), _TOKENS)
+  return _VARIABLES[key]
 
 
 DECODABLE = [
@@ -44,7 +74,7 @@ def test_the_list_covers_every_decodable_family():
 def test_decoding_equals_the_forward_at_every_position(attention, kwargs, positional):
   model, params, tokens = _lm(attention, kwargs, positional=positional)
   tokens = tokens.at[1, 13:].set(0)  # a shorter row, padded at the end
-  full, _ = model.apply({"params": params}, tokens)
+  full, _ = jax.jit(model.apply)({"params": params}, tokens)
   stepped = generate.decode_logits(model, params, tokens)
   real = np.asarray(tokens) > 0
   np.testing.assert_allclose(np.asarray(stepped)[real], np.asarray(full)[real], atol=1e-5)
@@ -53,7 +83,7 @@ def test_decoding_equals_the_forward_at_every_position(attention, kwargs, positi
 def test_segment_memory_models_decode_through_their_memory():
   model, params, tokens = _lm(mem_len=32)
   assert generate.decode_mode(model) == "memory"
-  full, _ = model.apply({"params": params}, tokens)
+  full, _ = jax.jit(model.apply)({"params": params}, tokens)
   stepped = generate.decode_logits(model, params, tokens)
   np.testing.assert_allclose(stepped, full, atol=1e-5)
 
@@ -63,11 +93,11 @@ def test_segment_memory_models_decode_through_their_memory():
 def test_recompute_decodes_families_without_a_state(attention, kwargs):
   """Exact for these: their causal output at a position ignores later (padded) ones."""
   model, params, tokens = _lm(attention, kwargs)
-  variables = model.init(jax.random.PRNGKey(1), tokens)
+  variables = _variables(model)
   state = {k: v for k, v in variables.items() if k != "params"}  # routing's centroids
   with pytest.raises(ValueError, match="cannot decode token by token.*recompute=True"):
     generate.decode_mode(model)
-  full, _ = model.apply(variables, tokens)
+  full, _ = jax.jit(model.apply)(variables, tokens)
   stepped = generate.decode_logits(model, params, tokens, recompute=True, model_state=state)
   np.testing.assert_allclose(stepped, full, atol=1e-5)
 

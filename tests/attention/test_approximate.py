@@ -1,6 +1,8 @@
 """Approximate families: error against softmax attention shrinks with their budget, and
 each equals its own closed form."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -122,23 +124,27 @@ def test_performer_at_large_scales(causal):
   keys = jax.random.split(jax.random.PRNGKey(4), 3)
   q, k, v = (jax.random.normal(key, (1, 96, 2, 64)) for key in keys)
   proj = performer.draw_features(jax.random.PRNGKey(0), 256, 64)
-  run = jax.jit(lambda q, k, v: performer.performer_attention(
-      q, k, v, projection=proj, causal=causal, chunk_size=32))
-  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v) ** 2), argnums=(0, 1, 2)))
+  def run(q, k, v, epsilon=1e-6):
+    return performer.performer_attention(q, k, v, projection=proj, causal=causal,
+                                         chunk_size=32, epsilon=epsilon)
+
+  @jax.jit
+  def out_and_grads(q, k, v):
+    out, vjp = jax.vjp(run, q, k, v)
+    return out, vjp(2.0 * out)  # gradients of sum(out ** 2)
+
   for std in (3.0, 10.0, 20.0):
-    out = run(std * q, std * k, v)
+    out, grads = out_and_grads(std * q, std * k, v)
     chex.assert_tree_all_finite(out)
-    chex.assert_tree_all_finite(grad(std * q, std * k, v))
+    chex.assert_tree_all_finite(grads)
     assert bool(jnp.all(jnp.abs(out).max(axis=-1) > 0))  # no query row is wiped out
     if std == 3.0:  # the exact estimator (epsilon=0) at this scale
-      exact = performer.performer_attention(std * q, std * k, v, projection=proj,
-                                            causal=causal, chunk_size=32, epsilon=0.0)
+      exact = jax.jit(functools.partial(run, epsilon=0.0))(std * q, std * k, v)
       want = _favor_closed_form(std * q, std * k, v, jnp.ones((1, 96), bool), proj, causal)
       np.testing.assert_allclose(exact, want, atol=1e-4 * np.abs(want).max())
     if causal:
       for t in (8, 40):
-        prefix = performer.performer_attention(std * q[:, :t], std * k[:, :t], v[:, :t],
-                                               projection=proj, causal=True, chunk_size=32)
+        prefix = jax.jit(run)(std * q[:, :t], std * k[:, :t], v[:, :t])
         np.testing.assert_allclose(out[:, :t], prefix, atol=1e-5 * np.abs(prefix).max(),
                                    err_msg=f"std={std}: prefix of {t}")
 
@@ -166,14 +172,23 @@ def test_performer_error_shrinks_with_features(causal, orthogonal):
   q, k, v = qkv(length=64)
   q, k = 0.5 * q, 0.5 * k
   mask = padding_mask(2, 64)
-  exact = ea.reference(q, k, v, mask=mask, causal=causal)
-  run = jax.jit(lambda p: performer.performer_attention(q, k, v, projection=p, mask=mask,
-                                                        causal=causal, chunk_size=16))
-  errors = []
-  for m in (16, 64, 256, 1024):
-    draws = [performer.draw_features(jax.random.PRNGKey(s), m, q.shape[-1], orthogonal)
-             for s in range(3)]
-    errors.append(np.mean([_rel(run(p), exact) for p in draws]))
+
+  @jax.jit
+  def mean_errors():
+    """All draws and feature counts in one program (the draws vmapped)."""
+    exact = ea.reference(q, k, v, mask=mask, causal=causal)
+
+    def error(key, m):
+      p = performer.draw_features(key, m, q.shape[-1], orthogonal)
+      out = performer.performer_attention(q, k, v, projection=p, mask=mask, causal=causal,
+                                          chunk_size=16)
+      return jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact)
+
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in range(3)])
+    return [jnp.mean(jax.vmap(lambda key: error(key, m))(keys))  # noqa: B023
+            for m in (16, 64, 256, 1024)]
+
+  errors = [float(e) for e in mean_errors()]
   assert all(a > b for a, b in zip(errors, errors[1:])), errors
   assert errors[-1] < errors[0] / 3, errors
 
@@ -183,15 +198,19 @@ def test_nystrom_is_exact_with_a_landmark_per_token():
   to 1e-4 after ~16 iterations and drifts slowly afterwards."""
   q, k, v = qkv(length=32)
   mask = padding_mask(2, 32)
-  out = ea.nystrom_attention(q, k, v, mask=mask, num_landmarks=32, pinv_iters=16)
-  np.testing.assert_allclose(out, ea.reference(q, k, v, mask=mask), atol=1e-4)
+  out, want = jax.jit(lambda q, k, v: (
+      ea.nystrom_attention(q, k, v, mask=mask, num_landmarks=32, pinv_iters=16),
+      ea.reference(q, k, v, mask=mask)))(q, k, v)
+  np.testing.assert_allclose(out, want, atol=1e-4)
 
 
 def test_nystrom_error_shrinks_with_landmarks():
   q, k, v = qkv(length=64)
   q, k = 0.5 * q, 0.5 * k
-  exact = ea.reference(q, k, v)
-  errors = [_rel(ea.nystrom_attention(q, k, v, num_landmarks=m), exact) for m in (4, 16, 64)]
+  outs, exact = jax.jit(lambda q, k, v: (
+      [ea.nystrom_attention(q, k, v, num_landmarks=m) for m in (4, 16, 64)],
+      ea.reference(q, k, v)))(q, k, v)
+  errors = [_rel(out, exact) for out in outs]
   assert errors[0] > errors[1] > errors[2], errors
   assert errors[-1] < 0.05, errors
 
@@ -354,8 +373,9 @@ def test_sinkhorn_equals_a_direct_implementation(causal):
   mask = np.arange(length)[None, :] < np.array([[length], [13]])
   mask[1, 5:7] = False
   module = ea.make("sinkhorn", block_size=bs, max_len=64, sinkhorn_iters=3, causal=causal)
-  params = nn.unbox(module.init(jax.random.PRNGKey(0), q32, k32, v32)["params"])
-  out = np.asarray(module.apply({"params": params}, q32, k32, v32, mask=jnp.asarray(mask)))
+  params = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), q32, k32, v32)["params"])
+  out = np.asarray(jax.jit(module.apply)({"params": params}, q32, k32, v32,
+                                         mask=jnp.asarray(mask)))
   w1, b1 = (np.asarray(params["sort_hidden"][n], np.float64) for n in ("kernel", "bias"))
   w2, b2 = (np.asarray(params["sort_out"][n], np.float64) for n in ("kernel", "bias"))
   n = -(-length // bs)

@@ -189,6 +189,18 @@ def _routing_pattern(q, k, mask, centroids, window, causal):
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def _content_variables(name, options, shape):
+  """The family's variables (routing's centroids; LSH has none), drawn once per options and
+  shape and shared by both causal settings and the pattern test (causality adds none)."""
+  q, k, v, _, mask = _inputs(shape)
+  module = ea.make(name, **dict(options))
+  key = jax.random.PRNGKey(1)
+  if not jax.tree.leaves(jax.eval_shape(module.init, key, q, k, v, mask=mask)):
+    return {}
+  return jax.jit(module.init)(key, q, k, v, mask=mask)
+
+
 @pytest.mark.parametrize("name,options,shape", _with_shapes(CONTENT),
                          ids=[_id(c) for c in _with_shapes(CONTENT)])
 def test_content_pattern_family_equals_reference(name, options, shape):
@@ -199,7 +211,7 @@ def test_content_pattern_family_equals_reference(name, options, shape):
   q, k, v, w, mask = _inputs(shape)
   for causal in (False, True):
     module = ea.make(name, causal=causal, **options)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(1), q, k, v, mask=mask)
+    variables = _content_variables(name, tuple(options.items()), shape)
     if name == "lsh":
       rotations = module.apply(variables, q, method=lambda m, q: m.rotations(q))
       allowed = _lsh_pattern(q, mask, rotations, options["bucket_size"],
@@ -225,7 +237,7 @@ def test_content_patterns_match_the_modules_own_drawing():
   q, k, v, _, mask = _inputs(SHAPES[0])
   for name, options in CONTENT:
     module = ea.make(name, **options)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(1), q, k, v, mask=mask)
+    variables = _content_variables(name, tuple(options.items()), SHAPES[0])
     drawn = module.apply(variables, q, k, mask=mask, method="allow_matrix")
     if name == "lsh":
       rotations = module.apply(variables, q, method=lambda m, q: m.rotations(q))
@@ -242,8 +254,10 @@ def test_blockwise_matches_dense_at_a_longer_length():
   """A length with several chunks in both directions and a ragged last chunk."""
   q, k, v, w, mask = _inputs((1, 300, 2, 16, 16))
   for causal in (False, True):
-    out = ea.blockwise_attention(q, k, v, mask=mask, causal=causal, q_chunk=64, k_chunk=96)
-    _assert_close("blockwise", out, ea.reference(q, k, v, mask=mask, causal=causal))
+    out, ref = jax.jit(lambda q, k, v: (  # noqa: B023 (called at once)
+        ea.blockwise_attention(q, k, v, mask=mask, causal=causal, q_chunk=64, k_chunk=96),
+        ea.reference(q, k, v, mask=mask, causal=causal)))(q, k, v)
+    _assert_close("blockwise", out, ref)
 
 
 @pytest.mark.gpu

@@ -18,8 +18,10 @@ NEG = -1e30
 
 def _oracle(q, k, v, allowed, bias=0.0):
   """Softmax over ``allowed [b, 1 | h, lq, lk]``; zeros and lse NEG for empty rows."""
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + bias
-  s = jnp.where(allowed, s, -jnp.inf)
+  # The bias is added after masking: ``where(allowed, qk + bias, -inf)`` compiled by XLA
+  # (CPU, jaxlib of 2026) gave NaN gradients for empty rows; the values are the same.
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  s = jnp.where(allowed, s, -jnp.inf) + jnp.where(allowed, bias, 0.0)
   top = jnp.max(s, axis=-1, keepdims=True)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   w = jnp.exp(s - top)
@@ -41,21 +43,26 @@ def _inputs(seed, b, lq, lk, h, d, dv):
   return q, k, v, jnp.asarray(valid), rng
 
 
+def _loss(f):
+  def inner(q, k, v):
+    o, s = f(q, k, v)
+    return jnp.sum(o * jnp.cos(o)) + jnp.sum(jnp.maximum(s, -50.0) * 0.3)
+  return inner
+
+
 def _check(fn, q, k, v, allowed, atol=2e-5, bias=0.0):
-  out, lse = jax.jit(fn)(q, k, v)
-  ref_out, ref_lse = _oracle(q, k, v, allowed, bias)
+  """Kernel and oracle outputs, log-sum-exps and gradients, in one compiled program."""
+  oracle = lambda *a: _oracle(*a, allowed, bias)  # noqa: E731
+
+  @jax.jit
+  def both(q, k, v):
+    return (fn(q, k, v), oracle(q, k, v), jax.grad(_loss(fn), (0, 1, 2))(q, k, v),
+            jax.grad(_loss(oracle), (0, 1, 2))(q, k, v))
+
+  (out, lse), (ref_out, ref_lse), got, want = both(q, k, v)
   assert not np.isnan(np.asarray(out)).any()
   np.testing.assert_allclose(out, ref_out, atol=atol)
   np.testing.assert_allclose(jnp.maximum(lse, -50.0), jnp.maximum(ref_lse, -50.0), atol=atol)
-
-  def loss(f):
-    def inner(q, k, v):
-      o, s = f(q, k, v)
-      return jnp.sum(o * jnp.cos(o)) + jnp.sum(jnp.maximum(s, -50.0) * 0.3)
-    return inner
-
-  got = jax.grad(loss(fn), (0, 1, 2))(q, k, v)
-  want = jax.grad(loss(lambda *a: _oracle(*a, allowed, bias)), (0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     assert not np.isnan(np.asarray(g)).any()
     np.testing.assert_allclose(g, w, atol=atol * 5)
@@ -207,8 +214,8 @@ def test_bfloat16_close_to_float32():
   def fn(q, k, v):
     return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid, rule=Band(10))[0]
 
-  full = fn(q, k, v)
-  half = fn(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  full = jax.jit(fn)(q, k, v)
+  half = jax.jit(fn)(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
   np.testing.assert_allclose(half, full, atol=3e-2)
 
 

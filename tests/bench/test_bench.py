@@ -7,6 +7,7 @@ import pytest
 from effx.bench import attention, harness, lra_efficiency
 
 
+@pytest.mark.slow  # four fresh benchmark subprocesses (each imports JAX and compiles)
 def test_attention_benchmark_end_to_end(tmp_path):
   rows = attention.run(["dense", "local"], [256, 512], mode="train", repeat=1,
                        out=str(tmp_path), progress=False, timeout_s=300)
@@ -25,7 +26,13 @@ def test_attention_benchmark_end_to_end(tmp_path):
   assert "python -m" in readme and "Device:" in readme
 
 
-def test_lra_efficiency_step_measures_one_family():
+@pytest.mark.slow  # the worker as the benchmark runs it (eager init of the model: ~10 s)
+def test_lra_efficiency_step_measures_one_family(monkeypatch):
+  # The worker's code path at a tiny width: the Text model's 4 layers x 256 wide only cost
+  # compile and initialisation time here.
+  monkeypatch.setattr(lra_efficiency, "TEXT_MODEL", dict(
+      lra_efficiency.TEXT_MODEL, num_layers=1, emb_dim=16, qkv_dim=16, num_heads=2,
+      mlp_dim=32))
   result = lra_efficiency.worker(dict(family="local", length=64, batch=2, dtype="float32",
                                       repeat=1, options={"window": 16}))
   assert result["status"] == "ok" and result["steps_per_s"] > 0 and result["temp_bytes"] > 0

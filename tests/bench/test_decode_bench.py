@@ -11,6 +11,7 @@ TINY = {"num_layers": 1, "emb_dim": 16, "num_heads": 2, "qkv_dim": 16, "mlp_dim"
         "vocab_size": 19}
 
 
+@pytest.mark.slow  # the whole benchmark: 6 measured configurations, plots and README
 def test_decode_benchmark_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(decode, "SIZE", TINY)
   argv = [f"--out={tmp_path}", "--lengths=16,32,64", "--families=dense,linear", "--steps=4",

@@ -16,15 +16,21 @@ X = jax.random.normal(jax.random.PRNGKey(0), (2, 37, 16))
 def test_chunked_equals_unchunked(chunk):
   plain = FeedForward(mlp_dim=64)
   chunked = FeedForward(mlp_dim=64, chunk_size=chunk)
-  params = plain.init(jax.random.PRNGKey(1), X)
-  assert jax.tree.structure(params) == jax.tree.structure(chunked.init(jax.random.PRNGKey(1), X))
-  np.testing.assert_allclose(chunked.apply(params, X), plain.apply(params, X), atol=1e-6)
+  params = jax.jit(plain.init)(jax.random.PRNGKey(1), X)
+  assert jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(chunked.init, jax.random.PRNGKey(1), X))
 
   def loss(layer):
     return lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))
 
-  grads = jax.grad(loss(chunked), argnums=(0, 1))(params, X)
-  want = jax.grad(loss(plain), argnums=(0, 1))(params, X)
+  @jax.jit
+  def both(params, x):  # outputs and gradients of both layers, one compiled program
+    return (chunked.apply(params, x), plain.apply(params, x),
+            jax.grad(loss(chunked), argnums=(0, 1))(params, x),
+            jax.grad(loss(plain), argnums=(0, 1))(params, x))
+
+  out, out_plain, grads, want = both(params, X)
+  np.testing.assert_allclose(out, out_plain, atol=1e-6)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-5)
 

@@ -14,10 +14,33 @@ TOKENS = jax.random.randint(jax.random.PRNGKey(0), (2, 32), 1, 50)
 SEGMENT = 8
 
 
+_CONFIG = dict(kind="causal_lm", vocab_size=50, max_len=64, num_layers=2, emb_dim=16,
+               num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0, positional="rotary",
+               mem_len=32)
+
+
 def _lm(**overrides):
-  cfg = dict(kind="causal_lm", vocab_size=50, max_len=64, num_layers=2, emb_dim=16, num_heads=2,
-             qkv_dim=16, mlp_dim=32, dropout_rate=0.0, positional="rotary", mem_len=32)
-  return models.build({**cfg, **overrides})
+  return models.build({**_CONFIG, **overrides})
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_variables():
+  """Initialised once for the models without compression: their families, positional
+  encodings (not "learned") and memory lengths add no parameters."""
+  return jax.jit(_lm().init)(jax.random.PRNGKey(1), TOKENS[:, :SEGMENT])
+
+
+def _segments(model, variables, tokens):
+  """Logits and memory of ``tokens`` fed one segment at a time, one compiled program per
+  model. The first segment starts from ``model.initial_memory`` (what ``memory=None``
+  means)."""
+  apply = jax.jit(model.apply)
+  memory, pieces = model.initial_memory(tokens.shape[0]), []
+  for start in range(0, tokens.shape[1], SEGMENT):
+    logits, aux = apply(variables, tokens[:, start:start + SEGMENT], memory=memory)
+    memory = aux["memory"]
+    pieces.append(logits)
+  return jnp.concatenate(pieces, axis=1), memory
 
 
 @pytest.mark.parametrize("attention,kwargs,positional", [
@@ -31,24 +54,16 @@ def test_segments_with_full_memory_equal_one_causal_pass(attention, kwargs, posi
   """Families whose pattern is set by positions; content-routed ones (lsh, routing) hash
   [memory; segment] together, which is not the same as hashing the whole sequence."""
   model = _lm(attention=attention, attention_kwargs=kwargs, positional=positional)
-  variables = model.init(jax.random.PRNGKey(1), TOKENS[:, :SEGMENT])
-  apply = jax.jit(model.apply)
-  full, _ = apply(variables, TOKENS)
-  memory, pieces = None, []
-  for start in range(0, TOKENS.shape[1], SEGMENT):
-    logits, aux = apply(variables, TOKENS[:, start:start + SEGMENT], memory=memory)
-    memory = aux["memory"]
-    pieces.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+  variables = _shared_variables()
+  full, _ = jax.jit(model.apply)(variables, TOKENS)
+  pieces, _ = _segments(model, variables, TOKENS)
+  np.testing.assert_allclose(pieces, full, atol=1e-5)
 
 
 def test_memory_keeps_the_newest_states_and_stops_gradients():
   model = _lm(mem_len=12)
-  variables = model.init(jax.random.PRNGKey(1), TOKENS[:, :SEGMENT])
-  memory = None
-  for start in (0, 8, 16):
-    _, aux = model.apply(variables, TOKENS[:, start:start + SEGMENT], memory=memory)
-    memory = aux["memory"]
+  variables = _shared_variables()
+  _, memory = _segments(model, variables, TOKENS[:, :24])
   assert memory["hidden"].shape == (2, 2, 12, 16)               # [layers, batch, mem, width]
   np.testing.assert_array_equal(memory["positions"][0], np.arange(12, 24))
   assert bool(memory["valid"].all()) and int(memory["next_position"][0]) == 24
@@ -57,7 +72,7 @@ def test_memory_keeps_the_newest_states_and_stops_gradients():
     _, aux = model.apply({"params": params}, TOKENS[:, :SEGMENT])
     return jnp.sum(aux["memory"]["hidden"])
 
-  grads = jax.grad(loss)(variables["params"])
+  grads = jax.jit(jax.grad(loss))(variables["params"])
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
@@ -66,14 +81,20 @@ def _compressive(compression):
   return _lm(mem_len=8, compressed_len=6, compression_rate=2, compression=compression)
 
 
+@functools.lru_cache(maxsize=None)
+def _compressive_variables(compression):
+  """Mean and max compression have the same parameters (max uses mean's); conv adds its
+  own."""
+  if compression == "max":
+    return _compressive_variables("mean")
+  return jax.jit(_compressive(compression).init)(jax.random.PRNGKey(1), TOKENS[:, :SEGMENT])
+
+
 @pytest.mark.parametrize("compression", ["mean", "max", "conv"])
 def test_compressed_memory_shapes_and_lengths(compression):
   model = _compressive(compression)
-  variables = model.init(jax.random.PRNGKey(1), TOKENS[:, :SEGMENT])
-  memory = None
-  for start in range(0, 32, SEGMENT):
-    _, aux = model.apply(variables, TOKENS[:, start:start + SEGMENT], memory=memory)
-    memory = aux["memory"]
+  variables = _compressive_variables(compression)
+  _, memory = _segments(model, variables, TOKENS)
   assert memory["hidden"].shape == (2, 2, 8, 16)
   assert memory["compressed"].shape == (2, 2, 6, 16)
   # After 32 tokens: memory holds 24..31; 0..23 were evicted in pairs, the newest six
@@ -87,14 +108,17 @@ def test_compressed_memory_shapes_and_lengths(compression):
 def test_compression_loss_decreases():
   """The learned (conv) compression trains on the attention-reconstruction loss."""
   model = _compressive("conv")
-  params = model.init(jax.random.PRNGKey(1), TOKENS[:, :SEGMENT])["params"]
+  params = _compressive_variables("conv")["params"]
+  segments = TOKENS.reshape(2, -1, SEGMENT).swapaxes(0, 1)  # [segments, batch, SEGMENT]
 
   def loss(params):
-    memory, total = None, 0.0
-    for start in range(0, 32, SEGMENT):
-      _, aux = model.apply({"params": params}, TOKENS[:, start:start + SEGMENT], memory=memory)
-      memory, total = aux["memory"], total + aux["compression_loss"]
-    return total
+    # One segment per scan step, from the empty memory (what memory=None starts from).
+    def one(memory, tokens):
+      _, aux = model.apply({"params": params}, tokens, memory=memory)
+      return aux["memory"], aux["compression_loss"]
+
+    _, losses = jax.lax.scan(one, model.initial_memory(2), segments)
+    return jnp.sum(losses)
 
   opt = optax.adam(1e-2)
   state = opt.init(params)

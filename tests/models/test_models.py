@@ -1,5 +1,7 @@
 """Models built from config: a train step per family, pooling, aux, errors, NNX."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,14 +30,42 @@ def _options(name):
   return options
 
 
-def _train_step(model, args, targets):
-  """Initialises and takes one AdamW step, compiled as a single program. Returns the
-  loss and whether every updated parameter is finite."""
+@functools.lru_cache(maxsize=None)
+def _has_own_variables(name):
+  """Whether the family itself has variables (parameters or state such as routing's
+  centroids); the others give exactly dense attention's parameter tree
+  (``test_self_attention.test_parameter_tree``)."""
+  q = jax.ShapeDtypeStruct((1, 24, 2, 8), jnp.float32)
+  module = ea.make(name, **_options(name))
+  return bool(jax.tree.leaves(jax.eval_shape(module.init, jax.random.PRNGKey(0), q, q, q)))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_variables(kind, args_key):
+  """Initialised variables of the dense model of ``kind``: compiled once and reused by
+  every family without variables of its own (initialisation is a third of a train
+  step's compile time)."""
+  config = _KIND_CONFIGS[kind]
+  model = models.build(dict(config, attention="dense"))
+  return jax.jit(model.init)(jax.random.PRNGKey(0), *_ARGS[args_key])
+
+
+def _variables(model, kind, args_key):
+  if _has_own_variables(model.config.attention):
+    return jax.jit(model.init)(jax.random.PRNGKey(0), *_ARGS[args_key])
+  return _shared_variables(kind, args_key)
+
+
+def _train_step(model, kind, args_key, targets):
+  """One AdamW step from the model's initial variables, compiled as one program. Returns
+  the loss, whether every updated parameter is finite, and the largest gradient entry of
+  the attention's value projection (non-zero: the family's output reaches the loss)."""
+  args = _ARGS[args_key]
+  variables = _variables(model, kind, args_key)
   opt = optax.adamw(1e-3)
 
   @jax.jit
-  def init_and_step(key):
-    variables = model.init(key, *args)
+  def step(variables, key):
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
 
@@ -50,36 +80,58 @@ def _train_step(model, args, targets):
     updates, _ = opt.update(grads, opt.init(params), params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
-    return loss, finite
+    value_grads = [jnp.abs(g).max() for path, g in jax.tree_util.tree_leaves_with_path(grads)
+                   if "'value'" in jax.tree_util.keystr(path)]
+    return loss, finite, jnp.max(jnp.stack(value_grads))
 
-  loss, finite = init_and_step(jax.random.PRNGKey(0))
-  return float(loss), bool(finite)
+  loss, finite, value_grad = step(variables, jax.random.PRNGKey(0))
+  return float(loss), bool(finite), float(value_grad)
 
 
 ONE_LAYER = dict(BASE, num_layers=1)
+# Per-family train steps run without dropout: its random masks are a quarter of the
+# compiled program, and dropout layers are the same for every family. Training mode
+# (each family's deterministic=False path) is on in all of them; dropout itself is on in
+# the dual encoder's steps (the classifier's encoder) and in dense's causal LM step.
+_KIND_CONFIGS = {
+    "classifier": dict(ONE_LAYER, dropout_rate=0.0),
+    "dual_encoder": dict(ONE_LAYER, kind="dual_encoder", pool="mean"),
+    "causal_lm": dict(ONE_LAYER, kind="causal_lm", positional="rotary", mem_len=8,
+                      dropout_rate=0.0),
+}
+_ARGS = {"one": (TOKENS,), "two": (TOKENS, TOKENS2)}
+
+
+def _assert_trains(model, kind, args_key, targets):
+  loss, finite, value_grad = _train_step(model, kind, args_key, targets)
+  assert np.isfinite(loss) and finite
+  assert value_grad > 0
 
 
 @pytest.mark.parametrize("name", ea.names())
 def test_classifier_train_step(name):
-  model = models.build(dict(ONE_LAYER, attention=name, attention_kwargs=_options(name)))
-  loss, finite = _train_step(model, (TOKENS,), LABELS)
-  assert np.isfinite(loss) and finite
-
-
-@pytest.mark.parametrize("name", ea.names())
-def test_dual_encoder_train_step(name):
-  model = models.build(dict(ONE_LAYER, kind="dual_encoder", pool="mean", attention=name,
+  model = models.build(dict(_KIND_CONFIGS["classifier"], attention=name,
                             attention_kwargs=_options(name)))
-  loss, finite = _train_step(model, (TOKENS, TOKENS2), LABELS)
-  assert np.isfinite(loss) and finite
+  _assert_trains(model, "classifier", "one", LABELS)
+
+
+# The encoder (and so every family inside it) is the classifier's; what the dual encoder
+# adds is two calls of one encoder and the [u, v, u*v, u-v] head: checked with dense, with
+# routing (its mutable centroids are updated by both calls) and with sinkhorn (parameters
+# of its own, shared by both calls). Every family's encoder is covered by the classifier.
+@pytest.mark.parametrize("name", ["dense", "routing", "sinkhorn"])
+def test_dual_encoder_train_step(name):
+  model = models.build(dict(_KIND_CONFIGS["dual_encoder"], attention=name,
+                            attention_kwargs=_options(name)))
+  _assert_trains(model, "dual_encoder", "two", LABELS)
 
 
 @pytest.mark.parametrize("name", [n for n in ea.names() if ea.supports_causal(n)])
 def test_causal_lm_train_step(name):
-  model = models.build(dict(ONE_LAYER, kind="causal_lm", attention=name, positional="rotary",
-                            mem_len=8, attention_kwargs=_options(name)))
-  loss, finite = _train_step(model, (TOKENS,), None)
-  assert np.isfinite(loss) and finite
+  model = models.build(dict(_KIND_CONFIGS["causal_lm"], attention=name,
+                            attention_kwargs=_options(name),
+                            dropout_rate=0.1 if name == "dense" else 0.0))
+  _assert_trains(model, "causal_lm", "one", None)
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -100,7 +152,9 @@ def test_mean_pool_weights_only_real_tokens():
 
 def test_aux_holds_named_intermediates():
   model = models.build(dict(BASE, num_layers=3))
-  logits, aux = jax.jit(model.apply)(jax.jit(model.init)(jax.random.PRNGKey(0), TOKENS), TOKENS)
+  # Shapes only: traced, not compiled.
+  logits, aux = jax.eval_shape(lambda: model.apply(model.init(jax.random.PRNGKey(0), TOKENS),
+                                                   TOKENS))
   assert logits.shape == (2, 3)
   assert aux["hidden"].shape == (3, 2, 25, 16)       # layers, batch, CLS + tokens, width
   assert aux["attention"].shape == (3, 2, 25, 16)

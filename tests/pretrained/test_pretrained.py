@@ -15,7 +15,11 @@ import pytest
 from effx import models, pretrained
 from effx.pretrained import embed
 from effx.attention import registry
+from support import compiles_cached_here  # noqa: F401 (a fixture)
 from tiny_bert import VOCAB, numpy_bert, tiny_weights, write_folder
+
+# Programs compiled by an earlier test (the tiny checkpoint's embedding) are loaded.
+pytestmark = pytest.mark.usefixtures("compiles_cached_here")
 
 GOLDEN = pathlib.Path(__file__).parent / "golden_minilm.json"
 TEXTS = ["The man is playing the guitar.", "a dog runs fast!", "big red house , small tree",
@@ -52,8 +56,8 @@ def test_tiny_bert_matches_numpy_oracle(tmp_path, pooling, normalize):
   # Token types index the type table (the oracle's, with type 1 on the second half).
   types = np.zeros_like(tokens)
   types[:, tokens.shape[1] // 2:] = 1
-  got = loaded.model.apply({"params": loaded.params}, jnp.asarray(tokens),
-                           token_types=jnp.asarray(types))[0]
+  apply = jax.jit(lambda p, t, tt: loaded.model.apply({"params": p}, t, token_types=tt)[0])
+  got = apply(loaded.params, jnp.asarray(tokens), jnp.asarray(types))
   np.testing.assert_allclose(got, numpy_bert(weights, tokens, types, pooling=pooling,
                                              normalize=normalize), atol=1e-5, rtol=0)
 

@@ -17,7 +17,10 @@ from effx.training import loop as trainer
 from effx.training import objectives
 from effx.data import sentences
 from tiny_bert import SPECIAL, WORDS, write_folder, write_tokenizer
-from support import set_keys
+from support import compiles_cached_here, set_keys  # noqa: F401 (a fixture)
+
+# Programs compiled by an earlier test (the tiny checkpoint's embedding) are loaded.
+pytestmark = pytest.mark.usefixtures("compiles_cached_here")
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "pretrained_swap.py"
 TEXTS = ["the man is playing the guitar .", "a dog runs fast !", "big red house , small tree",
@@ -54,6 +57,10 @@ def test_sentences_task_reads_text_files_with_the_models_tokenizer(tiny_bert, tm
                     "max_len": 8, "min_words": 6}, seed=0)
 
 
+def _embeddings(loaded, tokens):
+  return jax.jit(loaded.model.apply)({"params": loaded.params}, jnp.asarray(tokens))[0]
+
+
 def test_encoder_objective_is_the_mean_cosine_to_the_teacher(tiny_bert):
   teacher = pretrained.load(tiny_bert)
   student = pretrained.load(tiny_bert, "local", {"window": 1})
@@ -63,17 +70,18 @@ def test_encoder_objective_is_the_mean_cosine_to_the_teacher(tiny_bert):
   tokens = teacher.tokens(TEXTS[:4])
   batch = {"inputs": jnp.asarray(tokens), "targets": jnp.zeros(4, jnp.int32),
            "weights": jnp.asarray([1.0, 1.0, 1.0, 0.0])}
-  sums, _ = objective.eval_sums(student.params, {}, batch, None,
-                                {"params": teacher.params, "model_state": {}})
-  s = np.asarray(student.model.apply({"params": student.params}, tokens)[0], np.float64)
-  t = np.asarray(teacher.model.apply({"params": teacher.params}, tokens)[0], np.float64)
+  extra = {"params": teacher.params, "model_state": {}}
+  # Jitted here and below: one compilation instead of one per operation.
+  sums, _ = jax.jit(objective.eval_sums)(student.params, {}, batch, None, extra)
+  s = np.asarray(_embeddings(student, tokens), np.float64)
+  t = np.asarray(_embeddings(teacher, tokens), np.float64)
   cos = (s * t).sum(-1) / np.linalg.norm(s, axis=-1) / np.linalg.norm(t, axis=-1)
   np.testing.assert_allclose(float(sums["cosine"]), cos[:3].sum(), rtol=1e-5)
   assert float(sums["count"]) == 3.0
   metrics = objective.eval_metrics(jax.device_get(sums))
   np.testing.assert_allclose(metrics["cosine"], cos[:3].mean(), rtol=1e-5)
-  loss, (values, _) = objective.loss(student.params, {}, batch, jax.random.PRNGKey(0),
-                                     {"params": teacher.params, "model_state": {}})
+  loss, (values, _) = jax.jit(objective.loss)(student.params, {}, batch,
+                                              jax.random.PRNGKey(0), extra)
   for key in ("cosine", "attention", "hidden", "value_relation"):
     assert np.isfinite(float(values[key])), key
   np.testing.assert_allclose(float(values["cosine"]), cos.mean(), rtol=1e-5)
@@ -110,8 +118,7 @@ def test_swapped_student_distils_toward_the_teacher(tiny_bert, text_dir, tmp_pat
   teacher = pretrained.load(tiny_bert, max_length=16)
   tokens = teacher.tokens(TEXTS)
   tokens = np.pad(tokens, ((0, 0), (0, 16 - tokens.shape[1])))  # the task's padding
-  s = swapped.model.apply({"params": swapped.params}, tokens)[0]
-  t = teacher.model.apply({"params": teacher.params}, tokens)[0]
+  s, t = _embeddings(swapped, tokens), _embeddings(teacher, tokens)
   before = float(np.mean(np.sum(np.asarray(s) * np.asarray(t), -1)))  # both L2-normalised
   result = trainer.train_and_evaluate(config, str(tmp_path / "local"))
   assert result["test_cosine"] > before + 0.01

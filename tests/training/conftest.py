@@ -1,9 +1,11 @@
 import pathlib
+import shutil
+import socket
 
 import pytest
 
 from effx import cli
-from support import set_keys
+from support import compiles_cached, set_keys
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -16,6 +18,80 @@ def tiny_config(name: str, **overrides):
                      checkpoint_every_steps=10, log_every_steps=5, max_eval_examples=16))
   config.model.update(dropout_rate=0.0, attention_dropout_rate=0.0)
   return set_keys(config, overrides)
+
+
+def free_port() -> int:
+  """A local TCP port free now (for a ``jax.distributed`` coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def stand_in_cluster(count: int) -> dict[str, str]:
+  """Environment variables under which ``count`` processes (each adding its own
+  ``SLURM_PROCID``) join one cluster when ``jax.distributed.initialize()`` is called
+  without arguments (``--distributed``): Slurm's variables, standing in for a Slurm job
+  or a TPU pod's metadata, with the coordinator on a free local port."""
+  return {"JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+          "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1",
+          "SLURM_NTASKS": str(count), "SLURM_LOCALID": "0"}
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  """Environment variables giving subprocesses a persistent JAX compilation cache of
+  this session (of this xdist worker): a run of a program compiled before, by an earlier
+  run of the same test or another test, loads the executable instead of compiling it
+  (about 6 s of a tiny run's 15 s on a CPU). The cache key is the program and compile
+  options, so a run loads only what it would have compiled itself. The size limit turns
+  on jax's file lock, so that concurrent processes never read a half-written entry."""
+  path = tmp_path_factory.mktemp("jax_compilation_cache")
+  return {"JAX_COMPILATION_CACHE_DIR": str(path),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}
+
+
+@pytest.fixture
+def cached_compiles(compile_cache, monkeypatch):
+  """``compile_cache`` in this process's environment, for the subprocesses it starts (jax
+  in this process read its configuration when it was imported, and keeps it)."""
+  for name, value in compile_cache.items():
+    monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def cached_here(compile_cache):
+  """``compile_cache`` for this process too, while the test runs (``support.compiles_cached``):
+  runs compiling what an earlier run or a subprocess compiled load it instead."""
+  with compiles_cached(compile_cache["JAX_COMPILATION_CACHE_DIR"]):
+    yield
+
+
+def listops_config(**overrides):
+  """The config of ``listops_run`` (2 layers: a teacher for 1-layer students), with
+  ``overrides``: tests that resume or reread that run start from it."""
+  return tiny_config("lra_listops", **{"model.num_layers": 2, **overrides})
+
+
+@pytest.fixture(scope="session")
+def listops_run(tmp_path_factory, compile_cache):
+  """A finished tiny ListOps run (``listops_config()``: 30 steps, checkpoints at 10, 20,
+  30, validation at 15 and 30), trained once per session (per xdist worker) for the tests
+  that read it: a teacher, a workdir to evaluate or export. Read it only: a test that
+  writes (a resume, damage, an evaluation's json) works on ``listops_copy``."""
+  from effx.training import loop  # noqa: PLC0415
+
+  workdir = tmp_path_factory.mktemp("listops_run") / "run"
+  with compiles_cached(compile_cache["JAX_COMPILATION_CACHE_DIR"]):
+    results = loop.train_and_evaluate(listops_config(), str(workdir))
+  assert results["step"] == 30
+  return workdir
+
+
+@pytest.fixture
+def listops_copy(listops_run, tmp_path):
+  """A copy of ``listops_run`` of this test's own, to resume, damage or extend."""
+  return pathlib.Path(shutil.copytree(listops_run, tmp_path / "run"))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 teacher kept out of the student's state, student initialisation, resume, bad input."""
 
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -13,10 +14,12 @@ import pytest
 import ml_collections
 
 from effx import cli, models
+from effx import data as data_lib
 from effx.compress import distill
 from effx.training import loop as trainer
-from effx.training import objectives, validate
+from effx.training import objectives, teachers, validate
 from conftest import CONFIGS, tiny_config
+from support import compiles_cached
 
 
 def _model(**overrides):
@@ -46,8 +49,22 @@ def _distillation(student, teacher, options, layer_map, relation_heads=1, embedd
   return objectives.Distillation(student, teacher, losses)
 
 
+def _loss(objective, params, model_state, batch, rng, extra):
+  # Jitted, as the training step runs it: one compilation instead of one per operation.
+  return jax.jit(objective.loss)(params, model_state, batch, rng, extra)
+
+
+def _apply(model, params, inputs):
+  return jax.jit(model.apply)({"params": params}, inputs)
+
+
 def _init(model, seed):
-  return model.init(jax.random.PRNGKey(seed), _batch()["inputs"])["params"]
+  # Jitted: one compilation instead of one per operation.
+  return jax.jit(model.init)(jax.random.PRNGKey(seed), _batch()["inputs"])["params"]
+
+
+def _shapes(model):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), _batch()["inputs"])["params"]
 
 
 def test_kd_loss_is_hintons_with_t_squared():
@@ -57,10 +74,10 @@ def test_kd_loss_is_hintons_with_t_squared():
   batch = _batch()
   objective = _distillation(student, teacher, _options(kd_weight=1.0, temperature=3.0),
                                    (0, 2), relation_heads=1)
-  loss, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(5),
+  loss, (values, _) = _loss(objective, s_params, {}, batch, jax.random.PRNGKey(5),
                                      {"params": t_params, "model_state": {}})
-  s = np.asarray(student.apply({"params": s_params}, batch["inputs"])[0], np.float64)
-  t = np.asarray(teacher.apply({"params": t_params}, batch["inputs"])[0], np.float64)
+  s = np.asarray(_apply(student, s_params, batch["inputs"])[0], np.float64)
+  t = np.asarray(_apply(teacher, t_params, batch["inputs"])[0], np.float64)
 
   def log_softmax(x):
     x = x - x.max(-1, keepdims=True)
@@ -82,7 +99,7 @@ def test_every_loss_is_zero_when_the_student_is_the_teacher(hidden_loss):
       model, model, _options(kd_weight=1.0, hidden_weight=1.0, attention_weight=1.0,
                              value_relation_weight=1.0, attention_kl_weight=1.0,
                              hidden_loss=hidden_loss), (0, 1), relation_heads=2)
-  loss, (values, _) = objective.loss(params, {}, _batch(), jax.random.PRNGKey(0),
+  loss, (values, _) = _loss(objective, params, {}, _batch(), jax.random.PRNGKey(0),
                                      {"params": params, "model_state": {}})
   for name in ("kd", "hidden", "attention", "value_relation", "attention_kl"):
     assert abs(float(values[name])) < 1e-5, (name, values)
@@ -96,10 +113,10 @@ def test_hidden_loss_is_a_mean_over_real_tokens():
                                    relation_heads=1)
   batch = _batch()
   other = jax.tree.map(lambda x: x * 1.5, params)
-  _, (values, _) = objective.loss(other, {}, batch, jax.random.PRNGKey(0),
+  _, (values, _) = _loss(objective, other, {}, batch, jax.random.PRNGKey(0),
                                   {"params": params, "model_state": {}})
-  s_h = model.apply({"params": other}, batch["inputs"])[1]
-  t_h = model.apply({"params": params}, batch["inputs"])[1]
+  s_h = _apply(model, other, batch["inputs"])[1]
+  t_h = _apply(model, params, batch["inputs"])[1]
   sq = np.mean(np.square(np.asarray(s_h["hidden"]) - np.asarray(t_h["hidden"])), axis=-1)
   mask = np.asarray(s_h["mask"], np.float64)
   expected = np.sum(sq * mask[None]) / (mask.sum() * 2)
@@ -127,38 +144,48 @@ def test_student_starts_from_the_teachers_mapped_layers():
     if any(getattr(k, "key", None) == "layers" for k in path):
       source = source[[1, 3]]
     np.testing.assert_array_equal(np.asarray(leaf), source, err_msg=str(path))
+  # The student's shapes are all that is read for these two.
   _, wider = _model(num_layers=2, mlp_dim=64)
   with pytest.raises(ValueError, match="mlp.*same widths"):
-    distill.init_student(_init(wider, 0), t_params, (1, 3))
+    distill.init_student(_shapes(wider), t_params, (1, 3))
   _, linformer = _model(num_layers=2, attention="linformer", attention_kwargs={"k": 8})
-  _, kept = distill.init_student(_init(linformer, 0), t_params, (1, 3))
+  _, kept = distill.init_student(_shapes(linformer), t_params, (1, 3))
   assert kept and all("attention" in name for name in kept)
-
-
-def _teacher(tmp_path, **overrides):
-  workdir = tmp_path / "teacher"
-  trainer.train_and_evaluate(tiny_config("lra_listops", num_train_steps=10,
-                                         **{"model.num_layers": 2, **overrides}), str(workdir))
-  return str(workdir)
 
 
 def _student(teacher, **overrides):
   return tiny_config("lra_listops", **{"num_train_steps": 10,
-                                       "distill.teacher_workdir": teacher, **overrides})
+                                       "distill.teacher_workdir": str(teacher), **overrides})
 
 
-def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(tmp_path):
-  teacher = _teacher(tmp_path)
-  options = {"distill.hidden_weight": 0.5, "distill.attention_weight": 0.5,
-             "distill.value_relation_weight": 0.5, "distill.attention_kl_weight": 0.5,
-             "distill.init_from_teacher": True, "model.num_layers": 1}
-  straight = trainer.train_and_evaluate(_student(teacher, num_train_steps=20, **options),
-                                        str(tmp_path / "straight"))
-  trainer.train_and_evaluate(_student(teacher, **options), str(tmp_path / "resumed"))
-  resumed = trainer.train_and_evaluate(_student(teacher, num_train_steps=20, **options),
+# Every loss on, a one-layer student started from the teacher's mapped layer.
+OPTIONS = {"distill.hidden_weight": 0.5, "distill.attention_weight": 0.5,
+           "distill.value_relation_weight": 0.5, "distill.attention_kl_weight": 0.5,
+           "distill.init_from_teacher": True, "model.num_layers": 1, "num_train_steps": 20}
+
+
+@pytest.fixture(scope="module")
+def student_run(listops_run, tmp_path_factory, compile_cache):
+  """A finished 20-step student (``OPTIONS``) of the two-layer ``listops_run``, with
+  checkpoints at 10 and 20; tests copy it before they resume it."""
+  workdir = tmp_path_factory.mktemp("student") / "straight"
+  with compiles_cached(compile_cache["JAX_COMPILATION_CACHE_DIR"]):
+    trainer.train_and_evaluate(_student(listops_run, **OPTIONS), str(workdir))
+  return workdir
+
+
+@pytest.mark.usefixtures("cached_here")
+def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(
+    listops_run, student_run, tmp_path):
+  straight = json.loads((student_run / "results.json").read_text())
+  # As if killed after the checkpoint of step 10: resume from it.
+  shutil.copytree(student_run, tmp_path / "resumed")
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "20")
+  resumed = trainer.train_and_evaluate(_student(listops_run, **OPTIONS),
                                        str(tmp_path / "resumed"))
+  assert resumed["sessions"][-1]["start_step"] == 10
   assert straight["final_train_loss"] == resumed["final_train_loss"]
-  a = ocp.StandardCheckpointer().restore(tmp_path / "straight" / "checkpoints" / "20" / "state")
+  a = ocp.StandardCheckpointer().restore(student_run / "checkpoints" / "20" / "state")
   b = ocp.StandardCheckpointer().restore(tmp_path / "resumed" / "checkpoints" / "20" / "state")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -166,56 +193,69 @@ def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(tmp_path)
   layer_leaves = [v for p, v in jax.tree_util.tree_flatten_with_path(a["params"])[0]
                   if "layers" in jax.tree_util.keystr(p)]
   assert layer_leaves and all(v.shape[0] == 1 for v in layer_leaves)
-  record = json.loads((tmp_path / "straight" / "teacher.json").read_text())
-  assert record["workdir"] == teacher and len(record["params_sha256"]) == 64
-  rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+  record = json.loads((student_run / "teacher.json").read_text())
+  assert record["workdir"] == str(listops_run) and len(record["params_sha256"]) == 64
+  rows = [json.loads(line) for line in (student_run / "metrics.jsonl").open()]
   train = [r for r in rows if r["split"] == "train"]
   assert {"kd", "ce", "hidden", "attention", "value_relation", "attention_kl",
           "accuracy"} <= set(train[0])
 
 
-def test_a_changed_teacher_is_refused_on_resume(tmp_path):
-  teacher = _teacher(tmp_path)
-  trainer.train_and_evaluate(_student(teacher), str(tmp_path / "student"))
+@pytest.mark.usefixtures("cached_here")
+def test_a_changed_teacher_is_refused_on_resume(listops_run, student_run, tmp_path):
+  workdir = shutil.copytree(student_run, tmp_path / "student")
   record = tmp_path / "student" / "teacher.json"
   values = json.loads(record.read_text())
   record.write_text(json.dumps({**values, "params_sha256": "0" * 64}))
   with pytest.raises(ValueError, match="not the one this run was distilled from"):
-    trainer.train_and_evaluate(_student(teacher, num_train_steps=12), str(tmp_path / "student"))
+    trainer.train_and_evaluate(_student(listops_run, **{**OPTIONS, "num_train_steps": 22}),
+                               str(workdir))
 
 
-def test_bad_teachers_and_options_say_what_is_wrong(tmp_path):
+def _teacher_of(config):
+  """What ``trainer.Run`` does with a config's teacher (``teachers.setup``: load it and
+  check it against the student), on the task's sizes: no data is read and no student
+  state is built."""
+  validate.config(config)
+  task = data_lib.describe(config.data, config.seed)
+  model_config = validate.model(config, task)
+  return teachers.setup(config, task, model_config, models.build(model_config))
+
+
+def test_bad_teachers_and_options_say_what_is_wrong(listops_run, tmp_path):
   with pytest.raises(FileNotFoundError, match="no such folder"):
-    trainer.Run(_student(str(tmp_path / "nowhere")))
+    trainer.Run(_student(tmp_path / "nowhere"))  # as the loop meets it
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="not an effx.train workdir"):
-    trainer.Run(_student(str(tmp_path / "empty")))
-  teacher = _teacher(tmp_path)
+    _teacher_of(_student(tmp_path / "empty"))
+  teacher = listops_run  # two layers, two heads, emb 32, dense
+  objective, loaded = _teacher_of(_student(teacher))
+  assert loaded.step == 30 and objective.layer_map == (1,)  # the good pair passes
   with pytest.raises(ValueError, match="other data: data.num_train=500 .student: 200"):
-    trainer.Run(_student(teacher, **{"data.num_train": 200}))
-  pathfinder = tiny_config("lra_pathfinder", **{"distill.teacher_workdir": teacher})
+    _teacher_of(_student(teacher, **{"data.num_train": 200}))
+  pathfinder = tiny_config("lra_pathfinder", **{"distill.teacher_workdir": str(teacher)})
   with pytest.raises(ValueError, match="data.task='listops'; the student's task is"):
-    trainer.Run(pathfinder)
+    _teacher_of(pathfinder)
   with pytest.raises(ValueError, match="needs equal model.emb_dim"):
-    trainer.Run(_student(teacher, **{"distill.hidden_weight": 1.0, "model.emb_dim": 16,
+    _teacher_of(_student(teacher, **{"distill.hidden_weight": 1.0, "model.emb_dim": 16,
                                      "model.qkv_dim": 16}))
   with pytest.raises(ValueError, match="the student's model.attention='performer' has none"):
-    trainer.Run(_student(teacher, **{"distill.attention_kl_weight": 1.0,
+    _teacher_of(_student(teacher, **{"distill.attention_kl_weight": 1.0,
                                      "model.attention": "performer"}))
   with pytest.raises(ValueError, match="teacher has model.num_heads=2, the student 1"):
-    trainer.Run(_student(teacher, **{"distill.attention_kl_weight": 1.0,
+    _teacher_of(_student(teacher, **{"distill.attention_kl_weight": 1.0,
                                      "model.num_heads": 1}))
   with pytest.raises(ValueError, match="relation_heads=3 must divide both"):
-    trainer.Run(_student(teacher, **{"distill.value_relation_weight": 1.0,
+    _teacher_of(_student(teacher, **{"distill.value_relation_weight": 1.0,
                                      "distill.relation_heads": 3}))
   with pytest.raises(ValueError, match="relation_heads=2 set but distill.value_relation_weight "
                                        "is 0"):
-    trainer.Run(_student(teacher, **{"distill.relation_heads": 2}))
+    _teacher_of(_student(teacher, **{"distill.relation_heads": 2}))
   with pytest.raises(ValueError, match="reversible stack does not expose"):
-    trainer.Run(_student(teacher, **{"distill.value_relation_weight": 1.0,
+    _teacher_of(_student(teacher, **{"distill.value_relation_weight": 1.0,
                                      "model.reversible": True}))
   with pytest.raises(ValueError, match="layer_map=.5,. must give one teacher layer"):
-    trainer.Run(_student(teacher, **{"distill.layer_map": (5,), "model.num_layers": 1}))
+    _teacher_of(_student(teacher, **{"distill.layer_map": (5,), "model.num_layers": 1}))
   with pytest.raises(ValueError, match="distill.kd_weight set but no teacher: set "
                                        "distill.teacher_workdir"):
     validate.config(tiny_config("lra_listops", **{"distill.kd_weight": 2.0}))
@@ -266,10 +306,10 @@ def test_value_relation_is_minilms_kl_across_widths_and_head_counts():
   batch = _batch()
   objective = _distillation(student, teacher, _options(value_relation_weight=1.0),
                                    (2,), relation_heads=4)
-  loss, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(0),
+  loss, (values, _) = _loss(objective, s_params, {}, batch, jax.random.PRNGKey(0),
                                      {"params": t_params, "model_state": {}})
-  s_aux = student.apply({"params": s_params}, batch["inputs"])[1]
-  t_aux = teacher.apply({"params": t_params}, batch["inputs"])[1]
+  s_aux = _apply(student, s_params, batch["inputs"])[1]
+  t_aux = _apply(teacher, t_params, batch["inputs"])[1]
   mask = np.asarray(s_aux["mask"])
 
   def relation(v):  # [n, b, l, h, d] -> [n, b, 4, l, l]
@@ -291,10 +331,10 @@ def test_attention_kl_is_the_kl_of_the_softmax_attention_maps():
   batch = _batch(3)
   objective = _distillation(student, teacher, _options(attention_kl_weight=1.0), (1,),
                                    relation_heads=1)
-  _, (values, _) = objective.loss(s_params, {}, batch, jax.random.PRNGKey(0),
+  _, (values, _) = _loss(objective, s_params, {}, batch, jax.random.PRNGKey(0),
                                   {"params": t_params, "model_state": {}})
-  s_aux = student.apply({"params": s_params}, batch["inputs"])[1]
-  t_aux = teacher.apply({"params": t_params}, batch["inputs"])[1]
+  s_aux = _apply(student, s_params, batch["inputs"])[1]
+  t_aux = _apply(teacher, t_params, batch["inputs"])[1]
 
   def logits(params, aux, layers):
     q = _heads_by_hand(params, aux, "query")[layers]

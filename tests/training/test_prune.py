@@ -11,6 +11,7 @@ import pytest
 
 from effx.compress import prune
 from effx.training import loop as trainer, validate
+from effx.training import workdir as workdir_lib
 from conftest import tiny_config
 
 
@@ -94,30 +95,34 @@ def test_movement_scores_accumulate_minus_gradient_times_weight():
 
 def _run(workdir, **overrides):
   config = tiny_config("lra_listops", **{
-      "num_train_steps": 30, "checkpoint_every_steps": 5, "keep_checkpoints": 10,
-      "prune.method": "magnitude", "prune.target_sparsity": 0.8, "prune.update_every": 5,
-      "prune.end_step": 20, **overrides})
+      "num_train_steps": 20, "checkpoint_every_steps": 5, "keep_checkpoints": 10,
+      "prune.method": "magnitude", "prune.target_sparsity": 0.8, "prune.update_every": 4,
+      **overrides})  # pruning ends at 80% of training: step 16
   return trainer.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.usefixtures("cached_here")
 @pytest.mark.parametrize("method", ["magnitude", "movement"])
 def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(tmp_path, method):
   straight = _run(tmp_path / "straight", **{"prune.method": method})
   assert straight["sparsity"]["all"] == pytest.approx(0.8, abs=2e-3)
   per_layer = {k: v for k, v in straight["sparsity"].items() if k != "all"}
   assert per_layer and all(v == pytest.approx(0.8, abs=5e-3) for v in per_layer.values())
-  assert straight["best_step"] >= 20  # the tested checkpoint has the final sparsity
-  # As if killed after the checkpoint of step 15, mid-schedule: resume from it.
+  assert straight["best_step"] >= 16  # the tested checkpoint has the final sparsity
+  # As if killed after the checkpoint of step 10, mid-schedule: resume from it.
   shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-  for step in (20, 25, 30):
+  for step in (15, 20):
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
   resumed = _run(tmp_path / "resumed", **{"prune.method": method})
-  assert resumed["sessions"][-1]["start_step"] == 15
+  assert resumed["sessions"][-1]["start_step"] == 10
   assert resumed["final_train_loss"] == straight["final_train_loss"]
-  a = ocp.StandardCheckpointer().restore(tmp_path / "straight" / "checkpoints" / "30" / "state")
-  b = ocp.StandardCheckpointer().restore(tmp_path / "resumed" / "checkpoints" / "30" / "state")
+  a = ocp.StandardCheckpointer().restore(tmp_path / "straight" / "checkpoints" / "20" / "state")
+  b = ocp.StandardCheckpointer().restore(tmp_path / "resumed" / "checkpoints" / "20" / "state")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # masks included
     np.testing.assert_array_equal(x, y)
+  # A new length would move the end of pruning (80% of it): not a harmless change.
+  with pytest.raises(workdir_lib.ConfigMismatchError, match="num_train_steps: 20"):
+    _run(tmp_path / "resumed", num_train_steps=30, **{"prune.method": method})
 
 
 @pytest.mark.parametrize("override,match", [

@@ -16,7 +16,6 @@ from effx.compress import structured
 from effx.training import exports
 from effx.training import loop as trainer
 from effx.training.restore import evaluate_workdir
-from conftest import tiny_config
 
 
 def _model(**overrides):
@@ -33,10 +32,19 @@ def _inputs():
   return jnp.asarray(tokens)
 
 
+def _init(model):
+  # Jitted here and below: one compilation instead of one per operation.
+  return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), _inputs())["params"])
+
+
+def _logits(model, params):
+  return jax.jit(model.apply)({"params": params}, _inputs())[0]
+
+
 def test_importance_is_the_gradient_of_a_head_gate():
   """Against a gate put into the computation by hand: head h's output scaled by ξ_h."""
   model = _model()
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), _inputs())["params"])
+  params = _init(model)
   batch = {"inputs": _inputs(), "targets": jnp.asarray([1, 2, 3])}
 
   def loss(p, b):
@@ -51,7 +59,7 @@ def test_importance_is_the_gradient_of_a_head_gate():
     return loss(structured._with(params, structured.ATTENTION + ("out",),
                                  {**out, "kernel": kernel}), batch)
 
-  expected = np.abs(np.asarray(jax.grad(gated)(jnp.ones((2, 4)))))
+  expected = np.abs(np.asarray(jax.jit(jax.grad(gated))(jnp.ones((2, 4)))))
   np.testing.assert_allclose(heads, expected, rtol=1e-5, atol=1e-8)
   assert units.shape == (2, 32) and (units >= 0).all()
 
@@ -62,23 +70,23 @@ def test_keep_top_and_the_export_equals_the_masked_model():
   with pytest.raises(ValueError, match="cannot keep 5 of 4"):
     structured.keep_top(scores, 5)
   model = _model()
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), _inputs())["params"])
+  params = _init(model)
   heads = np.array([[1, 2], [0, 3]])
   units = np.sort(np.stack([np.arange(32)[::2], np.arange(32)[1::2]]), axis=1)
   small = structured.shrink(params, heads, units)
   small_model = _model(num_heads=2, qkv_dim=8, mlp_dim=16, classifier_dim=32)
-  expected = model.apply({"params": structured.masked(params, heads, units)}, _inputs())[0]
-  got = small_model.apply({"params": small}, _inputs())[0]
+  expected = _logits(model, structured.masked(params, heads, units))
+  got = _logits(small_model, small)
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   assert sum(x.size for x in jax.tree.leaves(small)) < sum(
       x.size for x in jax.tree.leaves(params))
 
 
-def test_an_exported_workdir_evaluates_smaller(tmp_path):
-  config = tiny_config("lra_listops", num_train_steps=10, **{"model.num_layers": 2})
-  trainer.train_and_evaluate(config, str(tmp_path / "run"))
-  summary = exports.shrink_workdir(str(tmp_path / "run"), str(tmp_path / "small"), heads=1,
-                              mlp_units=32, batches=2)
+@pytest.mark.usefixtures("cached_here")
+def test_an_exported_workdir_evaluates_smaller(listops_run, tmp_path, cached_compiles):
+  run = listops_run  # two layers of two heads, MLP 64
+  summary = exports.shrink_workdir(str(run), str(tmp_path / "small"), heads=1,
+                                   mlp_units=32, batches=2)
   assert summary["num_heads"] == [2, 1] and summary["mlp_dim"] == [64, 32]
   assert summary["parameters"][1] < summary["parameters"][0]
   stored = json.loads((tmp_path / "small" / "config.json").read_text())
@@ -86,9 +94,9 @@ def test_an_exported_workdir_evaluates_smaller(tmp_path):
   result = evaluate_workdir(str(tmp_path / "small"), "test", checkpoint="best")
   assert result["step"] == summary["step"] and 0.0 <= result["accuracy"] <= 1.0
   with pytest.raises(FileExistsError, match="exists"):
-    exports.shrink_workdir(str(tmp_path / "run"), str(tmp_path / "small"), heads=1)
+    exports.shrink_workdir(str(run), str(tmp_path / "small"), heads=1)
   # From the command line; a bad family is one line.
-  done = subprocess.run([sys.executable, "-m", "effx.structured", f"--workdir={tmp_path / 'run'}",
+  done = subprocess.run([sys.executable, "-m", "effx.structured", f"--workdir={run}",
                          f"--out={tmp_path / 'cli'}", "--mlp_units=16", "--batches=1"],
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
