@@ -31,9 +31,25 @@ def tiny_bert(tmp_path_factory):
   return write_folder(tmp_path_factory.mktemp("tiny_bert"))
 
 
+# The families a test run over every family keeps in the fast tier (-m "not slow"): the
+# reference, a static and a per-example layout on the block-sparse kernel, and a kernel
+# feature map; the full suite runs them all.
+FAST_FAMILIES = ("dense", "local", "bigbird", "performer")
+
+
 def pytest_collection_modifyitems(config, items):
-  """Tests marked ``gpu`` run only where JAX has a GPU."""
+  """Tests marked ``gpu`` run only where JAX has a GPU; a case of a test parametrized
+  over attention families (a ``name`` or ``attention`` argument) is ``slow`` unless its
+  family is one of ``FAST_FAMILIES``."""
   del config
+  import effx.attention as ea  # noqa: PLC0415 (after the XLA flags above)
+
+  slow = pytest.mark.slow
+  for item in items:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    family = params.get("name", params.get("attention"))
+    if family in ea.names() and family not in FAST_FAMILIES:
+      item.add_marker(slow)
   if jax.default_backend() == "gpu":
     return
   skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() is not 'gpu')")

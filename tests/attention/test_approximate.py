@@ -163,6 +163,7 @@ def test_orthogonal_features_are_unbiased():
   assert float(jnp.abs(block @ block.T - jnp.eye(8)).max()) > 0.05  # not orthogonal
 
 
+@pytest.mark.slow  # 12 feature draws up to 1024 features
 @pytest.mark.parametrize("orthogonal", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
 def test_performer_error_shrinks_with_features(causal, orthogonal):

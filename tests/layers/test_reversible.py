@@ -74,6 +74,7 @@ def _temp(layers, mode):
   return stack_memory(layers, 4096, **kwargs)["temp"]
 
 
+@pytest.mark.slow  # compiles models of several depths
 def test_reversible_memory_is_flat_in_depth():
   """Compiled forward+backward temporaries at length 4096 (width 128, dense attention)."""
   assert _temp(12, "reversible") < 1.3 * _temp(2, "reversible")

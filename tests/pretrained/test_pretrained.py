@@ -98,6 +98,7 @@ def test_minilm_against_sentence_transformers(minilm):
 OWN_PARAMETERS = ("sinkhorn", "linformer", "synthesizer")  # at their default options
 
 
+@pytest.mark.slow  # a training run from a BERT checkpoint
 def test_swap_keeps_the_checkpoint_and_names_what_is_fresh(tiny_bert):
   dense = pretrained.load(tiny_bert)
   dense_flat = dict(jax.tree_util.tree_flatten_with_path(dense.params)[0])

@@ -105,6 +105,7 @@ def text_dir(tmp_path_factory):
   return folder
 
 
+@pytest.mark.slow  # a distillation run from a BERT teacher
 def test_swapped_student_distils_toward_the_teacher(tiny_bert, text_dir, tmp_path):
   # The dense student initialised from the teacher is the teacher: cosine 1.
   run = trainer.Run(_config(tiny_bert, text_dir))

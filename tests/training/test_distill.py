@@ -174,6 +174,7 @@ def student_run(listops_run, tmp_path_factory, compile_cache):
   return workdir
 
 
+@pytest.mark.slow  # a teacher run, a straight and a resumed student run
 @pytest.mark.usefixtures("cached_here")
 def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(
     listops_run, student_run, tmp_path):

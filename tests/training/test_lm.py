@@ -110,6 +110,7 @@ def _lm_config(**overrides):
   return tiny_config("lm_enwik8", **overrides)
 
 
+@pytest.mark.slow  # a straight and a resumed training run
 @pytest.mark.usefixtures("cached_here")
 def test_lm_with_memory_resumes_exactly(tmp_path):
   """Memory is part of the state: a run resumed at step 6 ends where an uninterrupted

@@ -210,6 +210,7 @@ def reference(tmp_path_factory):
   return losses
 
 
+@pytest.mark.slow  # training runs on 1 and 8 devices
 def test_sharding_is_invisible_to_the_math(tmp_path, reference):
   out = _finish(_train(tmp_path / "eight", *SHARD_ARGS, "--config.mesh.data=4",
                        "--config.mesh.model=2", devices=8))

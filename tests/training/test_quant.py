@@ -47,6 +47,7 @@ def test_qat_with_every_module_excluded_is_the_float_model():
   np.testing.assert_array_equal(_logits(off, params, tokens), _logits(model, params, tokens))
 
 
+@pytest.mark.slow  # compiles the float and the QAT model with gradients
 def test_qat_keeps_the_tree_and_its_straight_through_gradients_follow_float():
   model, params, tokens = _model_and_params()
   provider = quant.provider(_quant(mode="qat"))
@@ -72,6 +73,7 @@ def _dots(hlo: str) -> list[str]:
   return [line for line in hlo.splitlines() if re.search(r"= \S+ dot\(", line)]
 
 
+@pytest.mark.slow  # compiles int8 and int4 models
 def test_integer_model_runs_s8_dots_and_counts_int4_at_half_a_byte():
   model, params, tokens = _model_and_params()
   int_model = quant.wrap(model, _quant(mode="int"))
@@ -107,6 +109,7 @@ def _run(workdir, **overrides):
       tiny_config("lra_listops", **{"num_train_steps": 20, **overrides}), str(workdir))
 
 
+@pytest.mark.slow  # three training runs (straight, killed + resumed) and an export
 @pytest.mark.usefixtures("cached_here")
 def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_path):
   options = {"quant.mode": "qat", "prune.method": "magnitude", "prune.target_sparsity": 0.5}
@@ -162,6 +165,7 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
     trainer.train_and_evaluate(int_config, str(tmp_path / "train_int"))
 
 
+@pytest.mark.slow  # a training run with a teacher
 @pytest.mark.usefixtures("cached_here")
 def test_a_quantized_student_learns_from_a_float_teacher(listops_run, tmp_path):
   student = _run(tmp_path / "student", num_train_steps=5, eval_every_steps=5,

@@ -41,6 +41,7 @@ def _logits(model, params):
   return jax.jit(model.apply)({"params": params}, _inputs())[0]
 
 
+@pytest.mark.slow  # compiles gradients of a gated model
 def test_importance_is_the_gradient_of_a_head_gate():
   """Against a gate put into the computation by hand: head h's output scaled by ξ_h."""
   model = _model()
@@ -82,6 +83,7 @@ def test_keep_top_and_the_export_equals_the_masked_model():
       x.size for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow  # a training run, an export and an evaluation
 @pytest.mark.usefixtures("cached_here")
 def test_an_exported_workdir_evaluates_smaller(listops_run, tmp_path, cached_compiles):
   run = listops_run  # two layers of two heads, MLP 64

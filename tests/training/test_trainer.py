@@ -59,6 +59,7 @@ def _short(name, **overrides):
                               **overrides})
 
 
+@pytest.mark.slow  # a training run per task
 @pytest.mark.parametrize("name,overrides", [
     ("lra_listops", {"model.dtype": "bfloat16", "data.num_train": 16}),
     ("lra_pathfinder", PATHFINDER),
@@ -75,6 +76,7 @@ def test_generated_tasks_train_and_loss_falls(tmp_path, name, overrides):
   assert 0.0 <= saved["test_accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # a training run per task
 @pytest.mark.parametrize("name,overrides", [("lra_text", {"data.max_len": 128}),
                                             ("lra_image", {"batch_size": 4})])
 def test_tfds_tasks_train_on_mock_data(tmp_path, name, overrides):
@@ -86,6 +88,7 @@ def test_tfds_tasks_train_on_mock_data(tmp_path, name, overrides):
   assert len(losses) == 3 and losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow  # a dual-encoder training run
 def test_retrieval_trains(tmp_path, retrieval_dir):  # 16 training pairs
   config = _short("lra_retrieval", **{"data.dir": retrieval_dir, "data.max_len": 32})
   trainer.train_and_evaluate(config, str(tmp_path / "run"))
@@ -133,6 +136,7 @@ def test_damaged_newest_checkpoint_falls_back_to_an_older_one(listops_copy):
   assert (listops_copy / "checkpoints" / "30").is_dir()
 
 
+@pytest.mark.slow  # a training run per logging setting
 @pytest.mark.parametrize("log_every", [1, 100])
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
                                                               log_every):
@@ -325,6 +329,7 @@ def test_a_resumed_run_logs_each_step_once(listops_copy):
   assert {step for (tag, step) in tags if tag.startswith("validation/")} == {15, 30}
 
 
+@pytest.mark.slow  # a training run from another run's parameters
 def test_init_checkpoint_starts_from_another_runs_params(listops_run, tmp_path):
   """One step from another run's newest checkpoint (the same program as that run's, so
   compiled once): AdamW's first update moves no parameter by more than the learning
@@ -347,6 +352,7 @@ def test_init_checkpoint_starts_from_another_runs_params(listops_run, tmp_path):
   assert step_moved <= config.learning_rate < trained / 10, (step_moved, trained)
 
 
+@pytest.mark.slow  # two training runs
 def test_gradient_accumulation_matches_the_full_batch():
   """Three steps on the same batches: the losses, gradient norms and updated
   parameters' norms of 2 micro-batches are the full batch's."""
@@ -446,6 +452,7 @@ def test_a_best_checkpoint_lives_while_a_kept_checkpoint_points_at_it(tmp_path):
   checkpoints.close()
 
 
+@pytest.mark.slow  # resumes a finished run for more steps
 def test_old_workdirs_evaluate_and_resume(listops_copy):
   stored = json.loads((listops_copy / "config.json").read_text())
   del stored["distill"], stored["prune"]  # a run made before these sections existed
@@ -455,6 +462,7 @@ def test_old_workdirs_evaluate_and_resume(listops_copy):
   assert trainer.train_and_evaluate(longer, str(listops_copy))["step"] == 40
 
 
+@pytest.mark.slow  # resumes a finished run for more steps
 def test_a_new_validation_subset_revalidates_the_best_checkpoint(listops_copy):
   """The best value a resumed run compares with is measured on its own subset."""
   config = listops_config(num_train_steps=40, max_eval_examples=48)
