@@ -40,7 +40,7 @@ FAST_FAMILIES = ("dense", "local", "bigbird", "performer")
 def pytest_collection_modifyitems(config, items):
   """Tests marked ``gpu`` run only where JAX has a GPU; a case of a test parametrized
   over attention families (a ``name`` or ``attention`` argument) is ``slow`` unless its
-  family is one of ``FAST_FAMILIES``."""
+  family is one of ``FAST_FAMILIES``; slow tests run first."""
   del config
   import effx.attention as ea  # noqa: PLC0415 (after the XLA flags above)
 
@@ -50,6 +50,9 @@ def pytest_collection_modifyitems(config, items):
     family = params.get("name", params.get("attention"))
     if family in ea.names() and family not in FAST_FAMILIES:
       item.add_marker(slow)
+  # The long tests first: pytest-xdist hands out tests in this order, so the last minute
+  # is not one worker finishing a sweep while the other waits.
+  items.sort(key=lambda item: "slow" not in item.keywords)
   if jax.default_backend() == "gpu":
     return
   skip = pytest.mark.skip(reason="needs a GPU (jax.default_backend() is not 'gpu')")
