@@ -15,7 +15,8 @@ tensors, and registers under a name::
 blocks each query block visits (``kernel.Layout``) and call ``kernel.attend``.
 """
 
-from effx.attention.registry import get, make, names, options, register, supports_causal
+from effx.attention.registry import (backends, get, make, names, options, register,
+                                     supports_causal)
 from effx.attention.reference import reference
 
 # Importing the family modules registers them, in this order.
@@ -41,7 +42,8 @@ from effx.attention.patterns import pattern, pattern_names, plot_pattern
 from effx.attention.self_attention import SelfAttention
 
 __all__ = [
-    "kernel", "names", "get", "make", "options", "register", "supports_causal", "reference",
+    "kernel", "names", "get", "make", "options", "backends", "register", "supports_causal",
+    "reference",
     "pattern", "pattern_names", "plot_pattern", "SelfAttention",
     "DenseAttention", "BlockwiseAttention", "LocalAttention", "DilatedAttention",
     "SparseAttention", "LongformerAttention", "BigBirdAttention", "LSHAttention",

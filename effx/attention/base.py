@@ -23,6 +23,9 @@ class Family(nn.Module):
   """
 
   causal: bool = False
+  # The backend of the family's attention (see ``backends``): "auto" picks the fastest
+  # one the device and the input allow.
+  implementation: str = "auto"
 
   supports_causal: ClassVar[bool] = True
   family_name: ClassVar[str] = "?"
@@ -40,6 +43,10 @@ class Family(nn.Module):
   # Whether ``decode_init`` / ``decode_step`` run the causal family one token at a time
   # (``effx.attention.decoding``); the others are decoded by recomputing over the prefix.
   decodable: ClassVar[bool] = False
+  # The implementations the family runs on besides "auto" (``effx.attention.backends``):
+  # "xla" (plain XLA ops, every device); "pallas" (the block-sparse Pallas kernel: Triton
+  # on a GPU, interpret mode elsewhere); "cudnn" (``jax.nn.dot_product_attention``).
+  backends: ClassVar[tuple[str, ...]] = ("xla",)
 
   def __post_init__(self):
     if self.causal and not self.supports_causal:
@@ -47,8 +54,16 @@ class Family(nn.Module):
       raise ValueError(
           f"attention family {self.family_name!r} does not support causal=True; "
           f"causal families: {', '.join(causal_ok)}")
+    self.check_backend()
     self.check_options()
     super().__post_init__()
+
+  def check_backend(self) -> None:
+    """Raises ``ValueError`` when ``implementation`` is not "auto" or one of ``backends``."""
+    if self.implementation != "auto" and self.implementation not in self.backends:
+      raise ValueError(
+          f"attention family {self.family_name!r} has no implementation="
+          f"{self.implementation!r}; it runs on: 'auto', {', '.join(map(repr, self.backends))}")
 
   def check_options(self) -> None:
     """Raises ``ValueError`` naming the first invalid option. Default: nothing to check."""

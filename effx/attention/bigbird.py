@@ -162,6 +162,7 @@ class BigBirdAttention(Family):
   """
 
   pattern_kind = "static"
+  backends = kernel.BACKENDS
 
   block_size: int = 64
   num_random_blocks: int = 3
@@ -175,9 +176,10 @@ class BigBirdAttention(Family):
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic  # the random blocks are fixed by `seed`
-    return bigbird_attention(q, k, v, mask=mask, block_size=self.block_size,
-                             num_random_blocks=self.num_random_blocks,
-                             num_global_blocks=self.num_global_blocks, seed=self.seed)
+    with kernel.backend(self.implementation):
+      return bigbird_attention(q, k, v, mask=mask, block_size=self.block_size,
+                               num_random_blocks=self.num_random_blocks,
+                               num_global_blocks=self.num_global_blocks, seed=self.seed)
 
   def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
     """``[num_heads, length, length]`` allow-matrix of an unpadded input of ``length``

@@ -54,6 +54,7 @@ class BlockwiseAttention(Family):
   """
 
   pattern_kind = "static"
+  backends = kernel.BACKENDS
   decodable = True
 
   q_chunk: int = 512
@@ -65,8 +66,9 @@ class BlockwiseAttention(Family):
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
-    return blockwise_attention(q, k, v, mask=mask, causal=self.causal,
-                               q_chunk=self.q_chunk, k_chunk=self.k_chunk)
+    with kernel.backend(self.implementation):
+      return blockwise_attention(q, k, v, mask=mask, causal=self.causal,
+                                 q_chunk=self.q_chunk, k_chunk=self.k_chunk)
 
   def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
     """A key cache of ``capacity`` slots (every earlier token)."""

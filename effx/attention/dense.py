@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention import decoding
+from effx.attention import decoding, kernel
 from effx.attention.base import Family, check_choice, check_qkv, zero_padded_queries
-from effx.attention.core import NEG
+from effx.attention.core import NEG, positions
 from effx.attention.registry import register
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -24,9 +24,11 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
     causal: forbid attending to later positions.
     implementation: ``"xla"``: einsum and a float32 masked softmax, any backend;
       ``"cudnn"``: cuDNN's fused kernel through ``jax.nn.dot_product_attention`` (GPU only,
-      float16/bfloat16, ``head_dim_v == head_dim``; errors elsewhere); ``"auto"``
-      (default): ``"cudnn"`` when all of those hold, else ``"xla"``. Both compute the same
-      function.
+      float16/bfloat16, ``head_dim_v == head_dim`` a multiple of 8 up to 128; errors
+      elsewhere); ``"pallas"``: the block-sparse Pallas kernel over every block
+      (``kernel.attend``: flash attention; interpret mode off a GPU); ``"auto"``
+      (default): ``"cudnn"`` when its conditions hold, else ``"xla"``. All compute the
+      same function.
 
   Returns:
     ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
@@ -35,12 +37,22 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
   check_choice("dense", "implementation", implementation, IMPLEMENTATIONS)
   if implementation == "auto":
     implementation = "cudnn" if _cudnn_applies(q, v) else "xla"
+  if implementation != "pallas":  # kernel.attend records its own choice
+    kernel.note(implementation)
   if implementation == "cudnn":
     key_mask = None if mask is None else mask[:, None, None, :]  # [b, 1, 1, k]
     out = jax.nn.dot_product_attention(q, k, v, mask=key_mask, is_causal=causal,
                                        implementation="cudnn")
     return zero_padded_queries(out.astype(q.dtype), mask)
   length = q.shape[1]
+  if implementation == "pallas":
+    block = min(128, max(16, 1 << (length - 1).bit_length()))
+    pos, valid = positions(q.shape[0], length, mask)
+    out, _ = kernel.attend(q, k, v, kernel.Layout.full(length, length, block, block,
+                                                       causal=causal),
+                           q_pos=pos, k_pos=pos, k_valid=valid, causal=causal,
+                           implementation="pallas")
+    return zero_padded_queries(out.astype(q.dtype), mask)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                       preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
   allowed = None if mask is None else mask[:, None, None, :]
@@ -60,7 +72,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
 
 def _cudnn_applies(q: jax.Array, v: jax.Array) -> bool:
   return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-          and v.shape[-1] == q.shape[-1])
+          and v.shape[-1] == q.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
 @register("dense")
@@ -68,16 +80,13 @@ class DenseAttention(Family):
   """Full softmax attention (Vaswani et al., 2017); quadratic time and memory.
 
   Attributes:
-    implementation: ``"auto"`` (default) | ``"xla"`` | ``"cudnn"``, see ``dense_attention``.
+    implementation: ``"auto"`` (default) | ``"xla"`` | ``"cudnn"`` | ``"pallas"``, see
+      ``dense_attention``.
   """
 
   pattern_kind = "static"
   decodable = True
-
-  implementation: str = "auto"
-
-  def check_options(self):
-    check_choice("dense", "implementation", self.implementation, IMPLEMENTATIONS)
+  backends = ("xla", "cudnn", "pallas")
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic  # no randomness

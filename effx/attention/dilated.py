@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention import decoding
+from effx.attention import decoding, kernel
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import from_residues, to_residues
 from effx.attention.local import band_pattern, local_parts
@@ -90,6 +90,7 @@ class DilatedAttention(Family):
   """
 
   pattern_kind = "static"
+  backends = kernel.BACKENDS
   decodable = True
 
   window: int = 64
@@ -101,8 +102,9 @@ class DilatedAttention(Family):
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
-    return dilated_attention(q, k, v, mask=mask, causal=self.causal, window=self.window,
-                             dilation=self.dilation)
+    with kernel.backend(self.implementation):
+      return dilated_attention(q, k, v, mask=mask, causal=self.causal, window=self.window,
+                               dilation=self.dilation)
 
   def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
     """A ring buffer of the last ``window * max(dilation) + 1`` tokens."""

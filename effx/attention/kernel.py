@@ -25,13 +25,15 @@ Both run as nested ``lax.scan``s (chunks of lanes, then steps; forward and backw
 step a batched matmul over ~``STEP_BYTES`` of scores; XLA therefore keeps one step's
 scores alive at a time.
 
-The layout is the seam for accelerator kernels: ``implementation`` selects the backend.
-Only ``"xla"`` (this file, any device) exists today; a Pallas / splash / cuDNN block-sparse
-kernel would take the same layout and element rules.
+The layout is the seam for accelerator kernels: ``implementation`` selects the backend,
+``"xla"`` (this file, any device) or ``"pallas"`` (``flash``: one fused program per query
+block, Triton on a GPU), both driven by the same layout and element rules (``tiles``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Callable
@@ -40,10 +42,51 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effx.attention import flash, tiles
 from effx.attention.core import NEG, pad_axis
 
 f32 = jnp.float32
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+BACKENDS = ("xla", "pallas")  # what a family on this kernel runs on
+_BACKEND = contextvars.ContextVar("effx_kernel_backend", default="auto")
+
+
+@contextlib.contextmanager
+def backend(implementation: str):
+  """``attend`` calls traced inside the block that give no ``implementation`` use this
+  one (how a family module passes its ``implementation`` option to every kernel call
+  it makes)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"kernel: implementation={implementation!r} is not available; "
+                     f"available: {', '.join(map(repr, IMPLEMENTATIONS))}")
+  token = _BACKEND.set(implementation)
+  try:
+    yield
+  finally:
+    _BACKEND.reset(token)
+
+
+_SEEN = contextvars.ContextVar("effx_kernel_seen", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+  """Yields a set that collects the backend of every attention call traced inside the
+  block (``"xla"``, ``"pallas"``, ``"cudnn"``): how a training run learns and records
+  what ``"auto"`` chose."""
+  seen = set()
+  token = _SEEN.set(seen)
+  try:
+    yield seen
+  finally:
+    _SEEN.reset(token)
+
+
+def note(chosen: str) -> None:
+  """Records ``chosen`` in the innermost ``recording`` block, if any."""
+  seen = _SEEN.get()
+  if seen is not None:
+    seen.add(chosen)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -145,6 +188,50 @@ class Layout:
     out[q_ids[self.valid], self.k_ids[self.valid]] = True
     return out
 
+  def rows(self):
+    """For each query block, the key blocks it visits: ``(table [B, H, num_q, slots],
+    counts [B, H, num_q])`` int32, the visited ids first in each row (``B``, ``H`` are 1
+    for static layouts and for dynamic ones that share a table across batch or heads).
+    Static layouts give numpy arrays."""
+    if self.static:
+      blocks = self.blocks()
+      counts = blocks.sum(axis=1).astype(np.int32)
+      table = np.zeros((self.num_q, max(1, int(counts.max(initial=0)))), np.int32)
+      for i, row in enumerate(blocks):
+        table[i, :counts[i]] = np.nonzero(row)[0]
+      return table[None, None], counts[None, None]
+    table = jnp.moveaxis(self.k_ids, 0, -1)  # [B, H, num_q, slots]
+    valid = jnp.moveaxis(self.valid, 0, -1)
+    order = jnp.argsort(~valid, axis=-1, stable=True)
+    return (jnp.take_along_axis(table, order, axis=-1),
+            jnp.sum(valid, axis=-1, dtype=jnp.int32))
+
+  def columns(self):
+    """The transpose of ``rows``: for each key block, the query blocks that visit it,
+    ``(table [B, H, num_k, slots], counts [B, H, num_k])`` (a backward pass over key
+    blocks reads it)."""
+    if self.static:
+      blocks = self.blocks().T
+      counts = blocks.sum(axis=1).astype(np.int32)
+      table = np.zeros((self.num_k, max(1, int(counts.max(initial=0)))), np.int32)
+      for j, column in enumerate(blocks):
+        table[j, :counts[j]] = np.nonzero(column)[0]
+      return table[None, None], counts[None, None]
+    table, counts = self.rows()
+    slots = table.shape[-1]
+    # Entries sorted by key block (invalid ones last, as block num_k); entry e belongs to
+    # query block e // slots. No key block repeats within a row, so a column holds at
+    # most num_q entries.
+    keys = jnp.where(jnp.arange(slots) < counts[..., None], table, self.num_k)
+    keys = keys.reshape(keys.shape[:2] + (-1,))
+    order = jnp.argsort(keys, axis=-1, stable=True)
+    per_key = jax.vmap(jax.vmap(lambda k: jnp.bincount(k, length=self.num_k + 1)))(keys)
+    per_key = per_key[..., :self.num_k].astype(jnp.int32)
+    start = jnp.cumsum(per_key, axis=-1) - per_key
+    at = jnp.minimum(start[..., None] + jnp.arange(self.num_q), keys.shape[-1] - 1)
+    table = jnp.take_along_axis(order // slots, at.reshape(at.shape[:2] + (-1,)), axis=-1)
+    return table.reshape(at.shape).astype(jnp.int32), per_key
+
   def work_fraction(self) -> float:
     """Block pairs the kernel computes (visited ones and padding entries) / all pairs."""
     steps, lanes = self.k_ids.shape[0], self.k_ids.shape[-1]
@@ -176,7 +263,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
            rule: Callable | None = None, q_segment: jax.Array | None = None,
            k_segment: jax.Array | None = None, bias: Callable | None = None,
            q_info: jax.Array | None = None, k_info: jax.Array | None = None,
-           scale: float | None = None, implementation: str = "xla"
+           scale: float | None = None, implementation: str | None = None
            ) -> tuple[jax.Array, jax.Array]:
   """Exact softmax attention over the allowed pairs of the visited blocks.
 
@@ -203,15 +290,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
       gradient flows into it (LSH's duplicate correction).
     q_info, k_info: integer ``[batch, (heads,) length, features]`` for ``bias``.
     scale: logit scale, default ``d ** -0.5``.
-    implementation: backend; ``"xla"`` (any device).
+    implementation: ``"xla"`` (nested scans of batched matmuls, any device),
+      ``"pallas"`` (``flash``: one fused program per query block; Triton on a GPU,
+      interpret mode elsewhere) or ``"auto"``: pallas on a GPU when the blocks make
+      Triton tiles, else xla (see ``resolve``). Default: the innermost ``backend``
+      block's, else ``"auto"``.
 
   Returns:
     ``out [batch, q_len, heads, dv]`` float32 (zeros for a query with no allowed key) and
     ``lse [batch, q_len, heads]`` float32 (``NEG`` for such a query).
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"kernel: implementation={implementation!r} is not available; "
-                     f"available: {', '.join(map(repr, IMPLEMENTATIONS))}")
   b, lq, h, d = q.shape
   lk = k.shape[1]
   if layout.num_q != -(-lq // layout.block_q) or layout.num_k != -(-lk // layout.block_k):
@@ -243,13 +331,60 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
          (per_position(k_pos, bk, 0, jnp.int32), per_position(k_valid, bk, False, bool),
           per_position(k_segment, bk, -2, jnp.int32),
           per_position(k_info, bk, 0, jnp.int32, features=True)))
-  ids = (jnp.asarray(layout.k_ids), jnp.asarray(layout.valid),
-         None if layout.q_ids is None else jnp.asarray(layout.q_ids))
-  out, lse = _attend(heads_first(q, bq), heads_first(k, bk), heads_first(v, bk), pos, ids,
-                     _Static(bool(causal), rule, bias, scale))
+  chosen = resolve(_BACKEND.get() if implementation is None else implementation, layout)
+  note(chosen)
+  if chosen == "xla":
+    ids = (jnp.asarray(layout.k_ids), jnp.asarray(layout.valid),
+           None if layout.q_ids is None else jnp.asarray(layout.q_ids))
+    out, lse = _attend(heads_first(q, bq), heads_first(k, bk), heads_first(v, bk), pos,
+                       ids, _Static(bool(causal), rule, bias, scale))
+  else:
+    out, lse = _pallas(heads_first(q, bq), heads_first(k, bk), heads_first(v, bk), pos,
+                       layout, flash.Static(bool(causal), rule, bias, scale, bq, bk,
+                                            interpret=jax.default_backend() != "gpu"))
   out = out.reshape(b, h, -1, out.shape[-1])[:, :, :lq]
   lse = lse.reshape(b, h, -1)[:, :, :lq]
   return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse, 1, 2)
+
+
+def resolve(implementation: str, layout: Layout, platform: str | None = None) -> str:
+  """The backend ``attend`` runs for ``implementation`` on ``platform`` (default: JAX's
+  default backend): ``"xla"`` or ``"pallas"``. ``"pallas"`` asked for on a GPU with blocks
+  Triton cannot tile raises, naming the blocks; ``"auto"`` then runs xla."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"kernel: implementation={implementation!r} is not available; "
+                     f"available: {', '.join(map(repr, IMPLEMENTATIONS))}")
+  platform = platform or jax.default_backend()
+  problem = flash.tile_problem(layout.block_q, layout.block_k)
+  if implementation == "pallas" and platform == "gpu" and problem:
+    raise ValueError(f"kernel: implementation='pallas' on a GPU cannot run this layout "
+                     f"({problem}); use implementation='xla' or other block sizes")
+  if implementation == "auto":
+    return "pallas" if platform == "gpu" and not problem else "xla"
+  return implementation
+
+
+def _pallas(qb, kb, vb, pos, layout, static):
+  """``attend`` through ``flash``: blocks ``[b, h, n, block, e]`` and the per-block
+  metadata flattened back to ``[b, h, length(, features)]``; returns blocked outputs."""
+  b, h, nq, bq, _ = qb.shape
+
+  def flat(x):
+    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])
+
+  def per_head(x):
+    if x is None:
+      return None
+    x = flat(x)
+    x = x.astype(jnp.int32) if x.dtype == bool else x  # Triton loads no booleans
+    return jnp.broadcast_to(x, (b, h) + x.shape[2:])
+
+  tables = tuple(tuple(jnp.broadcast_to(jnp.asarray(x), (b, h) + x.shape[2:]) for x in pair)
+                 for pair in (layout.rows(), layout.columns()))
+  meta = jax.tree.map(per_head, pos)
+  q = flat((qb * static.scale).astype(qb.dtype))
+  out, lse = flash.attend(q, flat(kb), flat(vb), meta, tables, static)
+  return out.reshape(b, h, nq, bq, -1), lse.reshape(b, h, nq, bq)
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -267,18 +402,10 @@ def _logits(static, qi, kj, qmeta, kmeta, ok):
   """Scores ``[b, h, lanes, bq, bk]`` of one step (bias added) and the allow-mask
   ``[b, 1 | h, lanes, bq, bk]``, from the query side's ``(pos, segment, info)`` and the
   key side's ``(pos, valid, segment, info)`` per block (``[b, 1 | h, lanes, block]``)."""
-  qp, qs, qinfo = qmeta
-  kp, kv, ks, kinfo = kmeta
-  allowed = kv[..., None, :] & ok[..., None, None]
-  if static.causal:
-    allowed = allowed & (kp[..., None, :] <= qp[..., :, None])
-  if static.rule is not None:
-    allowed = allowed & static.rule(qp[..., :, None], kp[..., None, :])
-  if qs is not None:
-    allowed = allowed & (qs[..., :, None] == ks[..., None, :])
+  allowed = tiles.allowed(static, qmeta, kmeta) & ok[..., None, None]
   s = _scores(qi, kj)
   if static.bias is not None:
-    s = s + static.bias(qinfo[..., :, None, :], kinfo[..., None, :, :])
+    s = s + tiles.bias(static, qmeta, kmeta)
   return s, allowed
 
 

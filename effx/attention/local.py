@@ -85,6 +85,7 @@ class LocalAttention(Family):
   """
 
   pattern_kind = "static"
+  backends = kernel.BACKENDS
   decodable = True
 
   window: int = 128
@@ -94,7 +95,8 @@ class LocalAttention(Family):
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
-    return local_attention(q, k, v, mask=mask, causal=self.causal, window=self.window)
+    with kernel.backend(self.implementation):
+      return local_attention(q, k, v, mask=mask, causal=self.causal, window=self.window)
 
   def decode_init(self, batch, heads, head_dim, head_dim_v, capacity, dtype=jnp.float32):
     """A ring buffer of the last ``window + 1`` tokens, whatever the context length."""

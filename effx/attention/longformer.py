@@ -93,6 +93,7 @@ class LongformerAttention(Family):
   """
 
   pattern_kind = "static"
+  backends = kernel.BACKENDS
 
   decodable = True
 
@@ -119,8 +120,9 @@ class LongformerAttention(Family):
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
-    return longformer_attention(q, k, v, mask=mask, causal=self.causal, window=self.window,
-                                global_tokens=self.global_tokens)
+    with kernel.backend(self.implementation):
+      return longformer_attention(q, k, v, mask=mask, causal=self.causal, window=self.window,
+                                  global_tokens=self.global_tokens)
 
   def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
     """``[num_heads, length, length]``: band plus global rows and columns."""

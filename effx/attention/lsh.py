@@ -227,6 +227,7 @@ class LSHAttention(Family):
   """
 
   pattern_kind = "content"
+  backends = kernel.BACKENDS
   derived_defaults = {"n_buckets": "2 * ceil(real tokens / bucket_size), per example"}
 
   n_hashes: int = 2
@@ -245,9 +246,10 @@ class LSHAttention(Family):
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     check_qkv("lsh", q, k, v, mask)
-    return lsh_attention(q, v, rotations=self.rotations(q, deterministic), mask=mask,
-                         causal=self.causal, bucket_size=self.bucket_size,
-                         n_buckets=self.n_buckets)
+    with kernel.backend(self.implementation):
+      return lsh_attention(q, v, rotations=self.rotations(q, deterministic), mask=mask,
+                           causal=self.causal, bucket_size=self.bucket_size,
+                           n_buckets=self.n_buckets)
 
   def allow_matrix(self, q, k=None, *, mask=None, deterministic=True):
     """``[batch, heads, length, length]`` pattern for queries ``q`` (call via ``apply``;

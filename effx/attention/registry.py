@@ -68,9 +68,17 @@ def options(name: str) -> Options:
   """The options family ``name`` accepts, with their defaults (``Options``: a dict whose
   ``notes`` say how a default derived from the input is chosen)."""
   cls = get(name)
+  notes = {**getattr(cls, "derived_defaults", {}),
+           "implementation": "'auto' or one of " + ", ".join(map(repr, backends(name)))}
   return Options({f.name: f.default for f in dataclasses.fields(cls)
-                  if f.init and f.name not in _NOT_OPTIONS},
-                 getattr(cls, "derived_defaults", {}))
+                  if f.init and f.name not in _NOT_OPTIONS}, notes)
+
+
+def backends(name: str) -> tuple[str, ...]:
+  """The implementations family ``name`` runs on (its ``implementation`` option also
+  takes ``"auto"``): ``"xla"`` everywhere, ``"pallas"`` for the families on the
+  block-sparse kernel, ``"cudnn"`` for dense."""
+  return tuple(getattr(get(name), "backends", ("xla",)))
 
 
 def supports_causal(name: str) -> bool:

@@ -41,6 +41,9 @@ class SelfAttention(nn.Module):
     kernel_init: initializer of the projection kernels.
     use_bias: projections with biases.
     rotary: rotate queries and keys by their positions (rotary embeddings).
+    implementation: the family's backend, ``"auto"`` (default: the fastest the device
+      and input allow) or one of ``effx.attention.backends(attention)``; a family that
+      lacks it fails here, naming the ones it has.
   """
 
   num_heads: int
@@ -55,6 +58,7 @@ class SelfAttention(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   use_bias: bool = True
   rotary: bool = False
+  implementation: str = "auto"
 
   def __post_init__(self):
     if not isinstance(self.num_heads, int) or self.num_heads <= 0:
@@ -70,6 +74,11 @@ class SelfAttention(nn.Module):
 
   def _family_options(self) -> dict[str, Any]:
     options = dict(self.attention_kwargs or {})
+    if self.implementation != "auto":
+      given = options.setdefault("implementation", self.implementation)
+      if given != self.implementation:
+        raise ValueError(f"SelfAttention: implementation={self.implementation!r} and "
+                         f"attention_kwargs implementation={given!r} disagree; give one")
     if "param_dtype" in registry.options(self.attention):
       options.setdefault("param_dtype", self.param_dtype)
     return options

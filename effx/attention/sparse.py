@@ -131,6 +131,7 @@ class SparseAttention(Family):
   derived_defaults = {"summary": "max(1, stride // 16)"}
 
   pattern_kind = "static"
+  backends = kernel.BACKENDS
 
   decodable = True
 
@@ -158,8 +159,9 @@ class SparseAttention(Family):
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
-    return sparse_attention(q, k, v, mask=mask, causal=self.causal, pattern=self.pattern,
-                            stride=self.stride, summary=self.summary)
+    with kernel.backend(self.implementation):
+      return sparse_attention(q, k, v, mask=mask, causal=self.causal, pattern=self.pattern,
+                              stride=self.stride, summary=self.summary)
 
   def allow_matrix(self, length: int, num_heads: int = 1) -> np.ndarray:
     return np.broadcast_to(

@@ -39,6 +39,8 @@ class SynthesizerAttention(Family):
     param_dtype: dtype of the synthesiser's parameters.
   """
 
+  backends = kernel.BACKENDS  # pallas: mode='factorized_random' only
+
   derived_defaults = {"hidden": "head_dim"}
 
   mode: str = "dense"
@@ -52,6 +54,9 @@ class SynthesizerAttention(Family):
     check_positive("synthesizer", "max_len", self.max_len)
     check_positive("synthesizer", "rank", self.rank)
     check_positive("synthesizer", "hidden", self.hidden, allow_none=True)
+    if self.implementation == "pallas" and self.mode != "factorized_random":
+      raise ValueError(f"synthesizer: implementation='pallas' runs mode='factorized_random' "
+                       f"only (mode={self.mode!r} mixes values with a dense softmax)")
 
   @nn.compact
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
@@ -71,7 +76,8 @@ class SynthesizerAttention(Family):
       block = min(length, 512)
       layout = kernel.Layout.full(length, length, block, block, causal=self.causal)
       out, _ = kernel.attend(a, c, v, layout, q_pos=pos, k_pos=pos, k_valid=valid,
-                             causal=self.causal, scale=self.rank ** -0.5)
+                             causal=self.causal, scale=self.rank ** -0.5,
+                             implementation=self.implementation)
       return zero_padded_queries(out.astype(q.dtype), mask)
     if self.mode == "random":
       init = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("heads", None, None))

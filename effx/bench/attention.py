@@ -2,6 +2,7 @@
 
   python -m effx.bench.attention --families=all --lengths=512,1024,2048,4096,8192,16384 \\
       --mode=train --out=experiments/results/cpu/attention_train
+  python -m effx.bench.attention --backends=xla,cudnn,pallas --dtype=bfloat16 ...  # a GPU
 
 For each family and length, in a fresh subprocess: the attention layer alone (already
 projected ``q, k, v [batch, length, heads, head_dim]``), forward (``infer``) or forward +
@@ -11,7 +12,10 @@ temporary bytes (``memory_analysis()``); the process's peak memory (CPU: peak RS
 including the ~0.3 GB of the Python/JAX runtime; GPU: peak device bytes). Achieved FLOP/s
 is reported against a matmul ceiling measured in the same run, from analytic FLOP counts
 (``flops()``). Writes ``results.csv``, ``time.png``, ``memory.png`` and ``README.md``
-(command, device, versions, crossover lengths) to ``--out``.
+(command, device, versions, crossover lengths) to ``--out``. With several ``--backends``
+each family runs on each one it has (``effx.attention.backends``), one line per (family,
+backend), and dense on cuDNN (``jax.nn.dot_product_attention``) is the reference line
+when asked for.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from effx.attention import routing
 from effx.bench import harness, plots
 from effx.bench.memory import LONG_OPTIONS
 
-COLUMNS = ("family", "length", "mode", "status", "time_median_s", "time_min_s", "time_max_s",
+COLUMNS = ("family", "backend", "ran_on", "length", "mode", "status", "time_median_s", "time_min_s", "time_max_s",
            "temp_bytes", "peak_bytes", "flops", "achieved_flops_per_s", "roofline_fraction",
            "detail")
 _LENGTH_OPTIONS = ("max_len",)  # options that must cover the longest length measured
@@ -91,8 +95,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from effx.attention import kernel  # noqa: PLC0415
+
   dtype = jnp.dtype(spec["dtype"])
-  module = ea.make(spec["family"], causal=spec["causal"], **spec["options"])
+  module = ea.make(spec["family"], causal=spec["causal"],
+                   implementation=spec.get("backend", "auto"), **spec["options"])
   shape = (spec["batch"], spec["length"], spec["heads"], spec["head_dim"])
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v = (jax.random.normal(key, shape, dtype) for key in keys[:3])
@@ -104,9 +111,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
   fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)) if train
                else lambda variables, q, k, v: module.apply(variables, q, k, v))
-  compiled = fn.lower(variables, q, k, v).compile()
+  with kernel.recording() as seen:
+    compiled = fn.lower(variables, q, k, v).compile()
   temp = int(compiled.memory_analysis().temp_size_in_bytes)
-  result = {"status": "ok", "temp_bytes": temp}
+  result = {"status": "ok", "temp_bytes": temp, "ran_on": ",".join(sorted(seen)) or "xla"}
   if spec.get("max_bytes") and temp > spec["max_bytes"]:
     need, free = temp / 2**30, spec["max_bytes"] / 2**30
     return {**result, "status": "oom",
@@ -127,9 +135,21 @@ def check_families(text: str) -> list[str]:
   return families
 
 
+def check_backends(text: str) -> tuple[str, ...]:
+  known = {b for name in ea.names() for b in ea.backends(name)}
+  backends = tuple(b for b in text.split(",") if b)
+  unknown = [b for b in backends if b not in known]
+  if unknown or not backends:
+    raise ValueError(f"--backends: unknown backend {', '.join(map(repr, unknown))}; "
+                     f"known: {', '.join(sorted(known))}")
+  return backends
+
+
 def run(families, lengths, *, mode="train", batch=1, heads=4, head_dim=64, dtype="float32",
-        causal=False, repeat=5, out=None, timeout_s=600.0, progress=True) -> list[dict]:
-  """Measures every (family, length); writes outputs to ``out`` if given."""
+        causal=False, repeat=5, out=None, timeout_s=600.0, progress=True,
+        backends=("xla",)) -> list[dict]:
+  """Measures every (family, backend it has, length); writes outputs to ``out`` if
+  given."""
   if mode not in ("infer", "train"):
     raise ValueError(f"--mode={mode!r} must be 'infer' or 'train'")
   if causal:
@@ -137,13 +157,16 @@ def run(families, lengths, *, mode="train", batch=1, heads=4, head_dim=64, dtype
   ceiling = harness.roofline()
   free = harness.available_memory_bytes()
   rows = []
-  configs = [(f, n) for f in families for n in lengths]
-  for family, length in tqdm(configs, desc="attention", unit="config", disable=not progress):
+  configs = [(f, b, n) for f in families for b in backends if b in ea.backends(f)
+             for n in lengths]
+  for family, backend, length in tqdm(configs, desc="attention", unit="config",
+                                      disable=not progress):
     options = family_options(family, max(lengths))
-    spec = dict(family=family, length=length, mode=mode, batch=batch, heads=heads,
-                head_dim=head_dim, dtype=dtype, causal=causal, options=options, repeat=repeat,
-                max_bytes=int(0.7 * free) if free else None)
-    row = {"family": family, "length": length, "mode": mode,
+    spec = dict(family=family, backend=backend, length=length, mode=mode, batch=batch,
+                heads=heads, head_dim=head_dim, dtype=dtype, causal=causal, options=options,
+                repeat=repeat, max_bytes=int(0.7 * free) if free else None)
+    row = {"family": family, "backend": backend, "length": length, "mode": mode,
+           "series": family if len(backends) == 1 else f"{family} ({backend})",
            **harness.run_isolated("effx.bench.attention", spec, timeout_s)}
     row["flops"] = flops(family, length, batch=batch, heads=heads, head_dim=head_dim,
                          options=options, train=mode == "train")
@@ -153,24 +176,35 @@ def run(families, lengths, *, mode="train", batch=1, heads=4, head_dim=64, dtype
     rows.append(row)
   if out:
     write_outputs(out, rows, ceiling, dict(mode=mode, batch=batch, heads=heads,
-                                           head_dim=head_dim, dtype=dtype, causal=causal))
+                                           head_dim=head_dim, dtype=dtype, causal=causal),
+                  lacking=[(f, b) for f in families for b in backends
+                           if b not in ea.backends(f)])
   return rows
 
 
 def crossovers(rows, baseline: str) -> dict[str, int | None]:
-  """Shortest length at which each family is faster than ``baseline``."""
-  times = {(r["family"], r["length"]): r["time_median_s"] for r in rows
+  """Shortest length at which each series (a family, or a family on a backend) is faster
+  than the series ``baseline``."""
+  times = {(r["series"], r["length"]): r["time_median_s"] for r in rows
            if r.get("status") == "ok"}
-  base_failed = {r["length"] for r in rows if r["family"] == baseline and r.get("status") != "ok"}
+  base_failed = {r["length"] for r in rows if r["series"] == baseline and r.get("status") != "ok"}
   result = {}
-  for family in dict.fromkeys(r["family"] for r in rows):
+  for family in dict.fromkeys(r["series"] for r in rows):
     faster = [n for (f, n), t in times.items() if f == family and
               (n in base_failed or ((baseline, n) in times and t < times[(baseline, n)]))]
     result[family] = min(faster) if faster else None
   return result
 
 
-def write_outputs(out: str, rows, ceiling, shape) -> None:
+def _baselines(rows) -> tuple[str, str]:
+  """The dense and blockwise series to compare against (cuDNN's dense when measured)."""
+  series = [r["series"] for r in rows]
+  dense = next((s for s in ("dense (cudnn)", "dense (xla)", "dense") if s in series), "dense")
+  blockwise = next((s for s in ("blockwise (xla)", "blockwise") if s in series), "blockwise")
+  return dense, blockwise
+
+
+def write_outputs(out: str, rows, ceiling, shape, lacking=()) -> None:
   os.makedirs(out, exist_ok=True)
   harness.write_csv(os.path.join(out, "results.csv"), rows, COLUMNS)
   with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as f:
@@ -179,50 +213,58 @@ def write_outputs(out: str, rows, ceiling, shape) -> None:
   title = (f"{shape['mode']}, batch {shape['batch']}, {shape['heads']} heads x "
            f"{shape['head_dim']}, {shape['dtype']}" + (", causal" if shape["causal"] else ""))
   plots.lines_vs_length(rows, "time_median_s", "seconds", f"attention time ({title})",
-                        os.path.join(out, "time.png"))
+                        os.path.join(out, "time.png"), series="series")
   plots.lines_vs_length(rows, "temp_bytes", "bytes (XLA temporaries)",
-                        f"attention memory ({title})", os.path.join(out, "memory.png"))
+                        f"attention memory ({title})", os.path.join(out, "memory.png"),
+                        series="series")
   plots.lines_vs_length(rows, "peak_bytes", "bytes (process peak)",
-                        f"attention peak memory ({title})", os.path.join(out, "peak.png"))
+                        f"attention peak memory ({title})", os.path.join(out, "peak.png"),
+                        series="series")
   info = harness.device_info()
-  cross = {b: crossovers(rows, b) for b in ("dense", "blockwise")}
+  dense, blockwise = _baselines(rows)
+  cross = {"dense": crossovers(rows, dense), "blockwise": crossovers(rows, blockwise)}
   lines = [f"# Attention benchmark: {title}", "", "```", harness.command_line(), "```", "",
            f"Device: {info['device']}; jax {info['jax']}; Python {info['python']}; "
            f"{info['cpu_count']} CPUs.", "",
            f"Measured ceilings: matmul {ceiling['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
            f"copy {ceiling['copy_bytes_per_s'] / 1e9:.1f} GB/s.", "",
            "![time](time.png) ![memory](memory.png)", "",
-           "| family | faster than dense from | faster than blockwise from | "
+           f"| family | faster than {dense} from | faster than {blockwise} from | "
            "% of matmul ceiling at longest ok length |", "| --- | --- | --- | --- |"]
   for family in cross["dense"]:
-    ok = [r for r in rows if r["family"] == family and r.get("status") == "ok"]
+    ok = [r for r in rows if r["series"] == family and r.get("status") == "ok"]
     frac = f"{100 * ok[-1]['roofline_fraction']:.1f}%" if ok else "-"
     lines.append(f"| {family} | {cross['dense'][family] or '-'} | "
                  f"{cross['blockwise'].get(family) or '-'} | {frac} |")
   failed = [r for r in rows if r.get("status") != "ok"]
   if failed:
-    lines += ["", "Not measured: " + "; ".join(f"{r['family']}@{r['length']}: {r['status']}"
+    lines += ["", "Not measured: " + "; ".join(f"{r['series']}@{r['length']}: {r['status']}"
                                                 for r in failed) + "."]
+  if lacking:
+    lines += ["", "No such backend: " + ", ".join(f"{f} on {b}" for f, b in lacking) + "."]
   with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
 
 def print_table(rows) -> None:
   lengths = sorted({r["length"] for r in rows})
-  print(f"{'family':12s}" + "".join(f"{n:>11d}" for n in lengths) + "   (ms; MiB temp)")
-  for family in dict.fromkeys(r["family"] for r in rows):
+  print(f"{'family':20s}" + "".join(f"{n:>11d}" for n in lengths) + "   (ms; MiB temp)")
+  for family in dict.fromkeys(r["series"] for r in rows):
     cells = []
     for n in lengths:
-      r = next(r for r in rows if r["family"] == family and r["length"] == n)
+      r = next(r for r in rows if r["series"] == family and r["length"] == n)
       cells.append(f"{1e3 * r['time_median_s']:8.1f}/{r['temp_bytes'] / 2**20:<6.0f}"
                    if r.get("status") == "ok" else f"{r.get('status'):>11s}")
-    print(f"{family:12s}" + " ".join(cells))
+    print(f"{family:20s}" + " ".join(cells))
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--families", default="all", help="comma-separated names, or 'all'")
+  parser.add_argument("--backends", default="xla",
+                      help="comma-separated: xla, pallas (interpret mode off a GPU), cudnn "
+                           "(dense, GPU); each family runs on those it has")
   parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
   parser.add_argument("--mode", default="train", choices=("infer", "train"))
   parser.add_argument("--batch", type=int, default=1)
@@ -240,7 +282,7 @@ def main(argv=None) -> None:
   rows = run(check_families(args.families), harness.parse_lengths(args.lengths),
              mode=args.mode, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
              dtype=args.dtype, causal=args.causal, repeat=args.repeat, out=args.out,
-             timeout_s=args.timeout_s)
+             timeout_s=args.timeout_s, backends=check_backends(args.backends))
   print_table(rows)
 
 

@@ -9,21 +9,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def lines_vs_length(rows, key: str, ylabel: str, title: str, path: str) -> None:
+def lines_vs_length(rows, key: str, ylabel: str, title: str, path: str,
+                    series: str = "family") -> None:
+  """One line per value of ``row[series]`` (dense's in black)."""
   fig, ax = plt.subplots(figsize=(8, 5.5))
-  families = list(dict.fromkeys(r["family"] for r in rows))
+  families = list(dict.fromkeys(r[series] for r in rows))
   cmap = plt.get_cmap("tab20")
   anchor = None
   for i, family in enumerate(families):
     pts = sorted((r["length"], float(r[key])) for r in rows
-                 if r["family"] == family and r.get("status") == "ok" and r.get(key) not in
+                 if r[series] == family and r.get("status") == "ok" and r.get(key) not in
                  (None, ""))
     if not pts:
       continue
     xs, ys = zip(*pts)
-    ax.plot(xs, ys, "-", marker="o", ms=3, lw=2.2 if family == "dense" else 1.2,
-            color="black" if family == "dense" else cmap(i % 20), label=family)
-    if family == "dense" or anchor is None:
+    dense = family.split(" ")[0] == "dense"
+    ax.plot(xs, ys, "-", marker="o", ms=3, lw=2.2 if dense else 1.2,
+            color="black" if family in ("dense", "dense (cudnn)") else cmap(i % 20),
+            label=family)
+    if dense or anchor is None:
       anchor = (xs[0], ys[0])
   if anchor is not None:
     lengths = sorted({r["length"] for r in rows})

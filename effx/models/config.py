@@ -34,6 +34,10 @@ class ModelConfig:
     dropout_rate: on embeddings, sub-block outputs and the feed-forward hidden layer.
     attention_dropout_rate: on the mixed attention heads.
     attention, attention_kwargs: family name and options.
+    implementation: the attention's backend: ``"auto"`` (the fastest the device and
+      input allow: the block-sparse Pallas kernel or cuDNN on a GPU, XLA elsewhere) or
+      one of ``effx.attention.backends(attention)`` (``"xla"``, ``"pallas"``, and
+      ``"cudnn"`` for dense); a family's ``implementation`` option says the same.
     pool: ``"cls"`` (a learned [CLS] vector prepended to the sequence), ``"mean"``
       (over real tokens) or ``"first"`` (the first input token's output, e.g. a [CLS]
       token the tokenizer put there); not for ``causal_lm``.
@@ -69,6 +73,7 @@ class ModelConfig:
   attention_dropout_rate: float = 0.1
   attention: str = "dense"
   attention_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  implementation: str = "auto"
   pool: str = "cls"
   positional: str = "learned"
   reversible: bool = False
@@ -128,13 +133,27 @@ class ModelConfig:
                          "across segments; use 'rotary', 'sinusoidal' or 'shortformer' "
                          "with model.mem_len > 0")
 
+  def _family_options(self) -> dict[str, Any]:
+    options = dict(self.attention_kwargs)
+    if self.implementation != "auto":
+      given = options.setdefault("implementation", self.implementation)
+      if given != self.implementation:
+        raise ValueError(f"model.implementation={self.implementation!r} and "
+                         f"model.attention_kwargs.implementation={given!r} disagree; "
+                         "set one")
+    if options.get("implementation", "auto") not in registry.backends(self.attention) + ("auto",):
+      raise ValueError(f"model.implementation={options['implementation']!r}: attention "
+                       f"{self.attention!r} runs on 'auto', "
+                       f"{', '.join(map(repr, registry.backends(self.attention)))}")
+    return options
+
   @property
   def block(self) -> BlockConfig:
     return BlockConfig(
         emb_dim=self.emb_dim, num_heads=self.num_heads, qkv_dim=self.qkv_dim,
         mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, attention=self.attention,
-        attention_kwargs=tuple(sorted(dict(self.attention_kwargs).items())),
+        attention_kwargs=tuple(sorted(self._family_options().items())),
         causal=self.kind == "causal_lm", ff_chunk_size=self.ff_chunk_size,
         positional=self.positional, remat=self.remat, norm=self.norm,
         layer_norm_eps=self.layer_norm_eps, activation=self.activation,

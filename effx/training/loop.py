@@ -169,7 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run.teacher.record(workdir)
   _save_config(config, workdir)
   logging.info("config:\n%s", config)
-  logging.info("model: %s, %d parameters; mesh %s; %d devices", config.model.attention,
+  logging.info("model: %s attention on %s (implementation=%r), %d parameters; mesh %s; "
+               "%d devices", config.model.attention, run.attention_backend,
+               config.model.implementation,
                sum(x.size for x in jax.tree.leaves(run.abstract_state.params)),
                dict(run.mesh.shape), jax.device_count())
   writer = metrics.Writer(workdir, resume_step=start)
@@ -284,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "peak_memory_bytes": peak_memory_bytes(),
       "num_parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "attention_backend": run.attention_backend,
       "config": config_values,
   }
   for part in run.parts:

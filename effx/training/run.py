@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from effx import compress, models
+from effx.attention import kernel
 from effx import data as data_lib
 from effx.data import pipeline
 from effx.layers import memory as layer_memory
@@ -84,12 +85,15 @@ class Run:
       return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               opt_state=opt_state, model_state=model_state)
 
-    with self.context():
+    with self.context(), kernel.recording() as seen:
       boxed = jax.eval_shape(init, self.init_key)
       self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
       self.abstract_state = ckpt.abstract_like(sharding.strip_boxes(boxed),
                                               self.state_shardings)
       self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
+    # What implementation="auto" chose where the model calls attention (families off
+    # the kernel run plain XLA ops).
+    self.attention_backend = ", ".join(sorted(seen)) or "xla"
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.eval_carry_sharding = None
     if self.task.kind == "lm":

@@ -68,18 +68,20 @@ def _check(fn, q, k, v, allowed, atol=2e-5, bias=0.0):
     np.testing.assert_allclose(g, w, atol=atol * 5)
 
 
-@pytest.fixture(params=["one_chunk", "chunks_of_3"])
-def lane_chunks(request, monkeypatch):
-  """Every lane in one step, or 3 lanes per step (lanes padded to a multiple of 3)."""
-  if request.param == "chunks_of_3":
+@pytest.fixture(params=["xla", "xla_chunks_of_3", "pallas"])
+def backend(request, monkeypatch):
+  """The implementation ``attend`` runs: the XLA kernel with every lane in one step or 3
+  lanes per step (lanes padded to a multiple of 3), or the Pallas kernel (interpret mode
+  on a CPU)."""
+  if request.param == "xla_chunks_of_3":
     monkeypatch.setattr(kernel, "STEP_BYTES", 3 * 4 * 3 * 2 * 16 * 16)
-  return request.param
+  return request.param.split("_")[0]
 
 
 @pytest.mark.parametrize("seed,lq,lk,bq,bk,causal", [
     (0, 40, 40, 8, 8, False), (1, 37, 37, 8, 16, True), (2, 24, 50, 8, 8, False),
     (3, 64, 64, 16, 8, True), (4, 80, 80, 8, 8, True)])
-def test_static_random_layout(seed, lq, lk, bq, bk, causal, lane_chunks):
+def test_static_random_layout(seed, lq, lk, bq, bk, causal, backend):
   q, k, v, valid, rng = _inputs(seed, 3, lq, lk, 2, 8, 6)
   nq, nk = -(-lq // bq), -(-lk // bk)
   blocks = rng.random((nq, nk)) < 0.4
@@ -97,12 +99,12 @@ def test_static_random_layout(seed, lq, lk, bq, bk, causal, lane_chunks):
 
   def fn(q, k, v):
     return kernel.attend(q, k, v, layout, q_pos=qpos, k_pos=kpos, k_valid=valid,
-                         causal=causal)
+                         causal=causal, implementation=backend)
 
   _check(fn, q, k, v, jnp.asarray(allowed))
 
 
-def test_band_rule_and_segments():
+def test_band_rule_and_segments(backend):
   q, k, v, valid, rng = _inputs(4, 2, 45, 45, 3, 8, 8)
   layout = kernel.Layout.band(45, 8, 6, 6)
   pos = jnp.broadcast_to(jnp.arange(45), (2, 45))
@@ -113,7 +115,7 @@ def test_band_rule_and_segments():
 
   def fn(q, k, v):
     return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid, rule=Band(6),
-                         q_segment=seg, k_segment=seg)
+                         q_segment=seg, k_segment=seg, implementation=backend)
 
   _check(fn, q, k, v, jnp.asarray(allowed))
 
@@ -131,7 +133,7 @@ class _Matches:
     return 0.7 * jnp.sum((qi == ki).astype(jnp.float32), axis=-1)
 
 
-def test_bias_from_per_position_infos(lane_chunks):
+def test_bias_from_per_position_infos(backend):
   """A logit bias computed from integer features of each query and key (per head)."""
   b, h, length = 3, 2, 40
   q, k, v, valid, rng = _inputs(8, b, length, length, h, 8, 8)
@@ -145,12 +147,12 @@ def test_bias_from_per_position_infos(lane_chunks):
 
   def fn(q, k, v):
     return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid, bias=_Matches(),
-                         q_info=jnp.asarray(info), k_info=jnp.asarray(info))
+                         q_info=jnp.asarray(info), k_info=jnp.asarray(info), implementation=backend)
 
   _check(fn, q, k, v, jnp.asarray(allowed), bias=jnp.asarray(bias, jnp.float32))
 
 
-def test_dynamic_per_head_table(lane_chunks):
+def test_dynamic_per_head_table(backend):
   b, h, length, block, slots = 2, 3, 44, 8, 3
   q, k, v, valid, rng = _inputs(5, b, length, length, h, 8, 8)
   n = -(-length // block)
@@ -167,12 +169,13 @@ def test_dynamic_per_head_table(lane_chunks):
   allowed = blocks[:, :, i // block, j // block] & np.asarray(valid)[:, None, None, :]
 
   def fn(q, k, v):
-    return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid)
+    return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid,
+                         implementation=backend)
 
   _check(fn, q, k, v, jnp.asarray(allowed))
 
 
-def test_per_head_sorted_positions():
+def test_per_head_sorted_positions(backend):
   """Positions that differ per head (a sorted family's permutation) with causality."""
   b, h, length = 2, 2, 32
   q, k, v, valid, rng = _inputs(6, b, length, length, h, 4, 4)
@@ -185,7 +188,7 @@ def test_per_head_sorted_positions():
 
   def fn(q, k, v):
     return kernel.attend(q, k, v, layout, q_pos=jnp.asarray(perm), k_pos=jnp.asarray(perm),
-                         k_valid=valid, causal=True)
+                         k_valid=valid, causal=True, implementation=backend)
 
   _check(fn, q, k, v, jnp.asarray(allowed))
 

@@ -97,6 +97,7 @@ def test_derived_defaults_are_explained():
   for name in ea.names():
     opts = ea.options(name)
     derived = {k for k, v in opts.items() if v is None} - {"conv_kernel_size"}  # None = off
+    derived.add("implementation")  # "auto": chosen from the device and the input
     assert derived == set(opts.notes), name
     for option in derived:
       assert opts.notes[option] in repr(opts)

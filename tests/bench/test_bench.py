@@ -24,6 +24,14 @@ def test_attention_benchmark_end_to_end(tmp_path):
   assert 1.6 < temp[("local", 512)] / temp[("local", 256)] < 2.4     # linear
   readme = (tmp_path / "README.md").read_text()
   assert "python -m" in readme and "Device:" in readme
+  assert {r["ran_on"] for r in table} == {"xla"}
+  # Another backend: each family on it if it has it, the rest named in the README.
+  rows = attention.run(["local", "performer"], [256], mode="train", repeat=1,
+                       out=str(tmp_path / "pallas"), progress=False, timeout_s=300,
+                       backends=("pallas",))
+  assert [(r["family"], r["backend"], r["ran_on"], r["status"]) for r in rows] == [
+      ("local", "pallas", "pallas", "ok")]
+  assert "No such backend: performer on pallas." in (tmp_path / "pallas" / "README.md").read_text()
 
 
 @pytest.mark.slow  # the worker as the benchmark runs it (eager init of the model: ~10 s)
@@ -39,17 +47,20 @@ def test_lra_efficiency_step_measures_one_family(monkeypatch):
 
 
 def test_crossover_is_the_shortest_faster_length():
-  rows = [dict(family=f, length=n, status="ok", time_median_s=t) for f, n, t in [
+  rows = [dict(series=f, length=n, status="ok", time_median_s=t) for f, n, t in [
       ("dense", 1, 1.0), ("dense", 2, 4.0), ("dense", 4, 16.0),
       ("local", 1, 2.0), ("local", 2, 3.0), ("local", 4, 6.0)]]
-  rows.append(dict(family="dense", length=8, status="oom"))
-  rows.append(dict(family="local", length=8, status="ok", time_median_s=12.0))
+  rows.append(dict(series="dense", length=8, status="oom"))
+  rows.append(dict(series="local", length=8, status="ok", time_median_s=12.0))
   assert attention.crossovers(rows, "dense") == {"dense": None, "local": 2}
 
 
 def test_bad_input():
   with pytest.raises(ValueError, match="unknown family 'flash'.*registered: .*dense"):
     attention.check_families("dense,flash")
+  with pytest.raises(ValueError, match="--backends: unknown backend 'splash'; known: cudnn, "
+                                       "pallas, xla"):
+    attention.check_backends("xla,splash")
   with pytest.raises(ValueError, match="--lengths: 0 is not a positive length"):
     harness.parse_lengths("512,0")
   with pytest.raises(ValueError, match="'1k' is not an integer"):
