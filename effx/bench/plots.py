@@ -42,7 +42,8 @@ def lines_vs_length(rows, key: str, ylabel: str, title: str, path: str,
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=10)
   ax.grid(True, which="both", alpha=0.2)
-  ax.legend(fontsize=7, ncol=2, loc="upper left")
+  if ax.get_legend_handles_labels()[0]:  # nothing measured: no legend
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
