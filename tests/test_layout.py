@@ -20,7 +20,7 @@ ALLOWED = {
     "compress": {"common", "attention", "layers", "models"},
     "training": {"common", "attention", "layers", "models", "pretrained", "data", "compress"},
     "launch": {"common", "training", "cli"},
-    "bench": {"common", "attention", "layers", "models", "data", "compress", "training"},
+    "bench": {"common", "attention", "layers", "models", "data", "compress", "training", "cli"},
 }
 
 

@@ -20,17 +20,20 @@ when asked for.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
 
+from absl import flags
 from tqdm import tqdm
 
 import effx.attention as ea
+from effx import cli
 from effx.attention import routing
 from effx.bench import harness, plots
 from effx.bench.memory import LONG_OPTIONS
+
+FLAGS = flags.FLAGS
 
 COLUMNS = ("family", "backend", "ran_on", "length", "mode", "status", "time_median_s", "time_min_s", "time_max_s",
            "temp_bytes", "peak_bytes", "flops", "achieved_flops_per_s", "roofline_fraction",
@@ -258,33 +261,34 @@ def print_table(rows) -> None:
     print(f"{family:20s}" + " ".join(cells))
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--worker", help=argparse.SUPPRESS)
-  parser.add_argument("--families", default="all", help="comma-separated names, or 'all'")
-  parser.add_argument("--backends", default="xla",
-                      help="comma-separated: xla, pallas (interpret mode off a GPU), cudnn "
-                           "(dense, GPU); each family runs on those it has")
-  parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
-  parser.add_argument("--mode", default="train", choices=("infer", "train"))
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--heads", type=int, default=4)
-  parser.add_argument("--head-dim", type=int, default=64)
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--causal", action="store_true")
-  parser.add_argument("--repeat", type=int, default=5)
-  parser.add_argument("--timeout-s", type=float, default=600.0, help="per configuration")
-  parser.add_argument("--out", default=None, help="folder for results.csv, PNGs, README.md")
-  args = parser.parse_args(argv)
-  if args.worker:
-    print(json.dumps(worker(json.loads(args.worker))))
+def define_flags() -> None:
+  flags.DEFINE_string("worker", None, "internal: one measurement (JSON spec)")
+  flags.DEFINE_string("families", "all", "comma-separated names, or 'all'")
+  flags.DEFINE_string("backends", "xla", "comma-separated: xla, pallas (interpret mode off "
+                      "a GPU), cudnn (dense, GPU); each family runs on those it has")
+  flags.DEFINE_string("lengths", "512,1024,2048,4096,8192,16384", "comma-separated lengths")
+  flags.DEFINE_enum("mode", "train", ["infer", "train"], "forward, or forward + backward")
+  flags.DEFINE_integer("batch", 1, "batch size")
+  flags.DEFINE_integer("heads", 4, "attention heads")
+  flags.DEFINE_integer("head-dim", 64, "width of a head")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "q, k, v dtype")
+  flags.DEFINE_bool("causal", False, "causal attention (families that cannot are skipped)")
+  flags.DEFINE_integer("repeat", 5, "timed runs (median reported)")
+  flags.DEFINE_float("timeout-s", 600.0, "per configuration")
+  flags.DEFINE_string("out", None, "folder for results.csv, PNGs, README.md")
+
+
+def main() -> None:
+  if FLAGS.worker:
+    print(json.dumps(worker(json.loads(FLAGS.worker))))
     return
-  rows = run(check_families(args.families), harness.parse_lengths(args.lengths),
-             mode=args.mode, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-             dtype=args.dtype, causal=args.causal, repeat=args.repeat, out=args.out,
-             timeout_s=args.timeout_s, backends=check_backends(args.backends))
+  rows = run(check_families(FLAGS.families), harness.parse_lengths(FLAGS.lengths),
+             mode=FLAGS.mode, batch=FLAGS.batch, heads=FLAGS.heads,
+             head_dim=FLAGS["head-dim"].value, dtype=FLAGS.dtype, causal=FLAGS.causal,
+             repeat=FLAGS.repeat, out=FLAGS.out, timeout_s=FLAGS["timeout-s"].value,
+             backends=check_backends(FLAGS.backends))
   print_table(rows)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(define_flags, main)

@@ -35,12 +35,10 @@ Writes ``decode.csv``, ``decode.png`` (ms per token and state MiB against L, log
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import shlex
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,8 +48,9 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
+from absl import flags
 
-from effx import models
+from effx import cli, models
 from effx.attention import registry
 from effx.bench import harness
 from effx.models import generate
@@ -59,6 +58,7 @@ from effx.models import generate
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+FLAGS = flags.FLAGS
 FAMILIES = ("dense", "blockwise", "local", "dilated", "linear", "performer", "cosformer")
 # The measured model; tests shrink it through ``run(size=...)``.
 SIZE = {"num_layers": 2, "emb_dim": 256, "num_heads": 4, "qkv_dim": 256, "mlp_dim": 1024,
@@ -329,29 +329,34 @@ def write_outputs(out: str, rows, *, machine: str, command: str, size: dict[str,
     f.write("\n".join(lines) + "\n")
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="folder for decode.csv, decode.png, README.md")
-  parser.add_argument("--lengths", default="256,1024,4096,16384")
-  parser.add_argument("--families", default=",".join(FAMILIES))
-  parser.add_argument("--steps", type=int, default=32, help="tokens generated per timed run")
-  parser.add_argument("--repeat", type=int, default=3, help="timed runs (median reported)")
-  parser.add_argument("--recompute-max", type=int, default=1024,
-                      help="also time dense recompute for lengths up to this (0: never)")
-  parser.add_argument("--max-cache-length", type=int, default=None,
-                      help="longest context for families whose state grows with it (dense, "
-                      "blockwise); default: every length")
-  parser.add_argument("--machine", default="2-core CPU", help="recorded in README.md")
-  args = parser.parse_args(argv)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  command = "python -m effx.bench.decode " + " ".join(shlex.quote(a) for a in argv)
-  rows = run(check_families(args.families), harness.parse_lengths(args.lengths),
-             steps=args.steps, repeat=args.repeat, recompute_max=args.recompute_max,
-             max_cache_length=args.max_cache_length, out=args.out, machine=args.machine,
-             command=command)
+def define_flags() -> None:
+  flags.DEFINE_string("out", None, "folder for decode.csv, decode.png, README.md",
+                      required=True)
+  flags.DEFINE_string("lengths", "256,1024,4096,16384", "comma-separated context lengths")
+  flags.DEFINE_string("families", ",".join(FAMILIES), "comma-separated names")
+  flags.DEFINE_integer("steps", 32, "tokens generated per timed run")
+  flags.DEFINE_integer("repeat", 3, "timed runs (median reported)")
+  flags.DEFINE_integer("recompute-max", 1024,
+                       "also time dense recompute for lengths up to this (0: never)")
+  flags.DEFINE_integer("max-cache-length", None,
+                       "longest context for families whose state grows with it (dense, "
+                       "blockwise); default: every length")
+  flags.DEFINE_string("machine", "2-core CPU", "recorded in README.md")
+
+
+def main() -> None:
+  command = "python -m effx.bench.decode " + " ".join(
+      shlex.quote(f"--{name}={FLAGS[name].value}") for name in _GIVEN if FLAGS[name].present)
+  rows = run(check_families(FLAGS.families), harness.parse_lengths(FLAGS.lengths),
+             steps=FLAGS.steps, repeat=FLAGS.repeat, recompute_max=FLAGS["recompute-max"].value,
+             max_cache_length=FLAGS["max-cache-length"].value, out=FLAGS.out,
+             machine=FLAGS.machine, command=command)
   print(markdown_table(rows))
-  return rows
+
+
+_GIVEN = ("out", "lengths", "families", "steps", "repeat", "recompute-max",
+          "max-cache-length", "machine")
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(define_flags, main)

@@ -18,7 +18,6 @@ prints them:
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import os
@@ -27,8 +26,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 import effx.attention as ea
+from effx import cli
+
+FLAGS = flags.FLAGS
 
 # tests/support.py SMALL, except routing (no window) and lsh (no n_buckets), so that
 # their defaults are exercised, and longformer without its -1 global token (negative
@@ -185,15 +188,16 @@ def _cell(x) -> str:
   return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="directory for the CSVs")
-  args = parser.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
+def define_flags() -> None:
+  flags.DEFINE_string("out", None, "directory for the CSVs", required=True)
+
+
+def main() -> None:
+  os.makedirs(FLAGS.out, exist_ok=True)
   for table, (fn, columns) in TABLES.items():
     columns = (*columns, "error")
     rows = fn()
-    with open(os.path.join(args.out, f"{table}.csv"), "w", newline="") as f:
+    with open(os.path.join(FLAGS.out, f"{table}.csv"), "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=columns, restval="")
       writer.writeheader()
       writer.writerows(rows)
@@ -205,4 +209,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(define_flags, main)

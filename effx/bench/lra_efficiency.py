@@ -13,15 +13,18 @@ batch 32 on a 4x4 TPU v3; pick what fits your device and say so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
 
+from absl import flags
 from tqdm import tqdm
 
+from effx import cli
 from effx.bench import attention as bench_attention
 from effx.bench import harness, plots
+
+FLAGS = flags.FLAGS
 
 COLUMNS = ("family", "length", "status", "steps_per_s", "time_median_s", "time_min_s",
            "time_max_s", "temp_bytes", "peak_bytes", "speed_vs_dense", "memory_vs_dense",
@@ -138,28 +141,29 @@ def write_outputs(out, rows, lengths, batch, dtype) -> None:
     f.write("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--worker", help=argparse.SUPPRESS)
-  parser.add_argument("--families", default="all", help="comma-separated names, or 'all'")
-  parser.add_argument("--lengths", default="1024,2048,3072,4096")
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--repeat", type=int, default=3)
-  parser.add_argument("--timeout-s", type=float, default=900.0, help="per configuration")
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
-  if args.worker:
-    print(json.dumps(worker(json.loads(args.worker))))
+def define_flags() -> None:
+  flags.DEFINE_string("worker", None, "internal: one measurement (JSON spec)")
+  flags.DEFINE_string("families", "all", "comma-separated names, or 'all'")
+  flags.DEFINE_string("lengths", "1024,2048,3072,4096", "comma-separated lengths")
+  flags.DEFINE_integer("batch", 1, "batch size")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model dtype")
+  flags.DEFINE_integer("repeat", 3, "timed steps (median reported)")
+  flags.DEFINE_float("timeout-s", 900.0, "per configuration")
+  flags.DEFINE_string("out", None, "folder for results.csv, PNGs, README.md")
+
+
+def main() -> None:
+  if FLAGS.worker:
+    print(json.dumps(worker(json.loads(FLAGS.worker))))
     return
-  families = bench_attention.check_families(args.families)
+  families = bench_attention.check_families(FLAGS.families)
   if "dense" not in families:
     families = ["dense", *families]  # ratios need it
-  lengths = harness.parse_lengths(args.lengths)
-  rows = run(families, lengths, batch=args.batch, dtype=args.dtype, repeat=args.repeat,
-             out=args.out, timeout_s=args.timeout_s)
+  lengths = harness.parse_lengths(FLAGS.lengths)
+  rows = run(families, lengths, batch=FLAGS.batch, dtype=FLAGS.dtype, repeat=FLAGS.repeat,
+             out=FLAGS.out, timeout_s=FLAGS["timeout-s"].value)
   print("\n".join(table(rows, lengths)))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(define_flags, main)

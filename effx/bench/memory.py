@@ -7,17 +7,21 @@ and backend.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 import effx.attention as ea
+from effx import cli
+from effx.bench import harness
 from effx.layers.config import BlockConfig
 from effx.layers.feed_forward import FeedForward
 from effx.layers.stack import Stack
+
+FLAGS = flags.FLAGS
 
 # Options at which each family is sub-quadratic at long lengths: the defaults, except
 # routing's window (its default grows with the length) and max_len of the families with
@@ -119,19 +123,19 @@ def feed_forward_memory(length: int, chunk_size: int | None, *, emb_dim: int = 1
   return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--lengths", default="4096,8192", help="comma-separated lengths")
-  parser.add_argument("--causal", action="store_true")
-  parser.add_argument("--stack", action="store_true",
-                      help="instead: layer stacks (plain / remat / reversible) at 2, 6, 12 "
-                           "layers and chunked feed-forward, at the last length")
-  args = parser.parse_args(argv)
-  lengths = [int(x) for x in args.lengths.split(",")]
-  if args.stack:
+def define_flags() -> None:
+  flags.DEFINE_string("lengths", "4096,8192", "comma-separated lengths")
+  flags.DEFINE_bool("causal", False, "causal attention")
+  flags.DEFINE_bool("stack", False, "instead: layer stacks (plain / remat / reversible) at "
+                    "2, 6, 12 layers and chunked feed-forward, at the last length")
+
+
+def main() -> None:
+  lengths = harness.parse_lengths(FLAGS.lengths)
+  if FLAGS.stack:
     _print_stack_tables(lengths[-1])
     return
-  rows = memory_table(lengths, causal=args.causal)
+  rows = memory_table(lengths, causal=FLAGS.causal)
   dense = next(r for r in rows if r["family"] == "dense")
   print(f"{'family':12s}" + "".join(f"{n:>12d}" for n in lengths)
         + f"{'vs dense':>10s}{'growth':>8s}   (MiB, forward+backward temporaries)")
@@ -156,4 +160,4 @@ def _print_stack_tables(length: int) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(define_flags, main)

@@ -19,7 +19,6 @@ largest batch, marker area proportional to bytes, the teacher marked).
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -27,7 +26,12 @@ import statistics
 import time
 from typing import Any
 
+from absl import flags
+
+from effx import cli
 from effx.bench import harness
+
+FLAGS = flags.FLAGS
 
 COLUMNS = ("name", "workdir", "status", "parameters", "bytes", "disk_bytes", "test_accuracy",
            "step", "size_vs_teacher", "speedup_vs_teacher", "accuracy_delta", "detail")
@@ -167,50 +171,52 @@ def plot(rows, teacher: int, batch: int, path: str) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--worker", help=argparse.SUPPRESS)
-  parser.add_argument("--workdirs", help="comma-separated workdirs; the first is the "
-                      "teacher unless --teacher says otherwise")
-  parser.add_argument("--names", default="", help="comma-separated labels (default: the "
-                      "workdirs' folder names)")
-  parser.add_argument("--teacher", default="", help="which workdir is the teacher")
-  parser.add_argument("--batches", default="1,32")
-  parser.add_argument("--calls", type=int, default=100, help="timed calls per batch size")
-  parser.add_argument("--warmup", type=int, default=10)
-  parser.add_argument("--timeout-s", type=float, default=900.0, help="per workdir")
-  parser.add_argument("--out", default=None)
-  args = parser.parse_args(argv)
-  if args.worker:
-    print(json.dumps(worker(json.loads(args.worker))))
+def define_flags() -> None:
+  flags.DEFINE_string("worker", None, "internal: one workdir's measurement (JSON spec)")
+  flags.DEFINE_string("workdirs", None, "comma-separated workdirs; the first is the teacher "
+                      "unless --teacher says otherwise")
+  flags.DEFINE_string("names", "", "comma-separated labels (default: the workdirs' folder "
+                      "names)")
+  flags.DEFINE_string("teacher", "", "which workdir is the teacher")
+  flags.DEFINE_string("batches", "1,32", "comma-separated batch sizes")
+  flags.DEFINE_integer("calls", 100, "timed calls per batch size")
+  flags.DEFINE_integer("warmup", 10, "untimed calls first")
+  flags.DEFINE_float("timeout-s", 900.0, "per workdir")
+  flags.DEFINE_string("out", None, "folder for the CSV, plot and README.md")
+
+
+def main() -> None:
+  if FLAGS.worker:
+    print(json.dumps(worker(json.loads(FLAGS.worker))))
     return
-  if not args.workdirs:
-    parser.error("--workdirs is required")
-  workdirs = [w for w in args.workdirs.split(",") if w]
+  if not FLAGS.workdirs:
+    raise ValueError("--workdirs is required")
+  workdirs = [w for w in FLAGS.workdirs.split(",") if w]
   for w in workdirs:
     if not os.path.exists(os.path.join(w, "config.json")):
-      parser.error(f"--workdirs: {w} is not an effx.train workdir (no config.json)")
-  names = [n for n in args.names.split(",") if n] or [
+      raise ValueError(f"--workdirs: {w} is not an effx.train workdir (no config.json)")
+  names = [n for n in FLAGS.names.split(",") if n] or [
       os.path.basename(os.path.normpath(w)) for w in workdirs]
   if len(names) != len(workdirs):
-    parser.error(f"--names gives {len(names)} labels for {len(workdirs)} workdirs")
+    raise ValueError(f"--names gives {len(names)} labels for {len(workdirs)} workdirs")
   teacher = 0
-  if args.teacher:
-    if args.teacher not in workdirs:
-      parser.error(f"--teacher={args.teacher} is not one of --workdirs")
-    teacher = workdirs.index(args.teacher)
-  if args.calls < 2 or args.warmup < 0:
-    parser.error("--calls must be at least 2 (for a standard deviation), --warmup >= 0")
+  if FLAGS.teacher:
+    if FLAGS.teacher not in workdirs:
+      raise ValueError(f"--teacher={FLAGS.teacher} is not one of --workdirs")
+    teacher = workdirs.index(FLAGS.teacher)
+  if FLAGS.calls < 2 or FLAGS.warmup < 0:
+    raise ValueError("--calls must be at least 2 (for a standard deviation), --warmup >= 0")
   try:
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in FLAGS.batches.split(",")]
   except ValueError:
-    parser.error(f"--batches={args.batches}: comma-separated batch sizes, e.g. 1,32")
+    raise ValueError(f"--batches={FLAGS.batches}: comma-separated batch sizes, "
+                     "e.g. 1,32") from None
   if not batches or min(batches) <= 0:
-    parser.error(f"--batches={args.batches}: batch sizes must be positive")
-  rows = run(workdirs, names, teacher=teacher, batches=batches, calls=args.calls,
-             warmup=args.warmup, timeout_s=args.timeout_s, out=args.out)
+    raise ValueError(f"--batches={FLAGS.batches}: batch sizes must be positive")
+  rows = run(workdirs, names, teacher=teacher, batches=batches, calls=FLAGS.calls,
+             warmup=FLAGS.warmup, timeout_s=FLAGS["timeout-s"].value, out=FLAGS.out)
   print("\n".join(table(rows, batches, teacher)))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(define_flags, main)

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from effx import models
+from effx import cli, models
 from effx.bench import decode
 
 TINY = {"num_layers": 1, "emb_dim": 16, "num_heads": 2, "qkv_dim": 16, "mlp_dim": 32,
@@ -16,7 +16,7 @@ def test_decode_benchmark_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(decode, "SIZE", TINY)
   argv = [f"--out={tmp_path}", "--lengths=16,32,64", "--families=dense,linear", "--steps=4",
           "--repeat=1", "--recompute-max=16", "--max-cache-length=32", "--machine=test box"]
-  decode.main(argv)
+  assert cli.run(decode.define_flags, decode.main, argv) == 0
   with open(tmp_path / "decode.csv", newline="") as f:
     table = list(csv.DictReader(f))
   assert tuple(table[0]) == decode.COLUMNS
