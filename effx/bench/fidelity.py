@@ -189,10 +189,12 @@ def _cell(x) -> str:
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("out", None, "directory for the CSVs", required=True)
+  flags.DEFINE_string("out", None, "directory for the CSVs (required)")
 
 
 def main() -> None:
+  if not FLAGS.out:  # checked here: a required absl flag binds every command in the process
+    raise ValueError("--out is required: the directory for the CSVs")
   os.makedirs(FLAGS.out, exist_ok=True)
   for table, (fn, columns) in TABLES.items():
     columns = (*columns, "error")
