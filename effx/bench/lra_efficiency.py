@@ -56,7 +56,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
   tx = optim.optimizer(config)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length), 1, 257)
   batch_dict = {"inputs": tokens, "targets": jnp.zeros((batch,), jnp.int32)}
-  variables = nn.unbox(model.init(jax.random.PRNGKey(1), tokens[:1]))
+  # Jitted: op-by-op initialisation of the model took ~10 s of every worker.
+  variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens[:1]))
   params = variables.pop("params")
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=tx.init(params), model_state=dict(variables))

@@ -68,7 +68,10 @@ def _check(fn, q, k, v, allowed, atol=2e-5, bias=0.0):
     np.testing.assert_allclose(g, w, atol=atol * 5)
 
 
-@pytest.fixture(params=["xla", "xla_chunks_of_3", "pallas"])
+# The fast tier runs the XLA kernel; the Pallas kernel's day-to-day check is
+# tests/attention/test_backends.py (families on pallas equal to xla).
+@pytest.fixture(params=["xla", pytest.param("xla_chunks_of_3", marks=pytest.mark.slow),
+                        pytest.param("pallas", marks=pytest.mark.slow)])
 def backend(request, monkeypatch):
   """The implementation ``attend`` runs: the XLA kernel with every lane in one step or 3
   lanes per step (lanes padded to a multiple of 3), or the Pallas kernel (interpret mode

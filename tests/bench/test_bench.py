@@ -34,7 +34,7 @@ def test_attention_benchmark_end_to_end(tmp_path):
   assert "No such backend: performer on pallas." in (tmp_path / "pallas" / "README.md").read_text()
 
 
-@pytest.mark.slow  # the worker as the benchmark runs it (eager init of the model: ~10 s)
+@pytest.mark.slow  # the worker as the benchmark runs it (compiles a 4-layer train step)
 def test_lra_efficiency_step_measures_one_family(monkeypatch):
   # The worker's code path at a tiny width: the Text model's 4 layers x 256 wide only cost
   # compile and initialisation time here.
