@@ -232,6 +232,7 @@ def test_content_pattern_family_equals_reference(name, options, shape):
       _assert_close(f"{label} d{'qkv'[which]}", grad[which], ref_grad[which])
 
 
+@pytest.mark.slow  # lsh and routing (not fast-tier families) at every shape
 def test_content_patterns_match_the_modules_own_drawing():
   """``ea.pattern`` (the modules' allow_matrix) draws the same pattern as the oracles."""
   q, k, v, _, mask = _inputs(SHAPES[0])
@@ -281,6 +282,7 @@ def test_dense_cudnn_equals_xla(causal):
   np.testing.assert_array_equal(np.asarray(run("auto")[0], np.float32), np.asarray(out, np.float32))
 
 
+@pytest.mark.slow  # four BigBird plans against the paper's rules; bigbird's equality test stays fast
 @pytest.mark.parametrize("blocks,num_global,num_random", [(16, 2, 3), (9, 1, 2), (6, 3, 5),
                                                           (12, 0, 0)])
 def test_bigbird_pattern_follows_the_papers_rules(blocks, num_global, num_random):

@@ -399,6 +399,7 @@ def test_metrics_survive_a_line_torn_by_a_kill(tmp_path):
   assert [(r["step"], r["loss"]) for r in metrics.read(str(tmp_path))] == [(1, 2.0), (2, 1.5)]
 
 
+@pytest.mark.slow  # fresh python -m effx.train processes
 def test_user_errors_print_one_line(tmp_path):
   """From the command line a user error is one line on stderr and status 1, with no
   traceback, no config dump and no workdir; EFFX_TRACEBACK=1 shows the traceback. (The
