@@ -252,9 +252,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sessions.update(last_good, "failed")
     raise
   finally:
-    stop.uninstall()
     progress.close()
-    checkpoints.wait()
+    try:
+      # Still under the loop's handler: a second Ctrl-C while the last checkpoint is
+      # written exits at once (orbax commits by rename, so the previous one stays whole)
+      # instead of a KeyboardInterrupt traceback from inside orbax's wait.
+      checkpoints.wait()
+    finally:
+      stop.uninstall()
 
   if stopping and step < config.num_train_steps:
     logging.warning("%s: checkpointed step %d in %s; rerun the same command to resume",
