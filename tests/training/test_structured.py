@@ -14,7 +14,6 @@ import pytest
 from effx import models
 from effx.compress import structured
 from effx.training import exports
-from effx.training import loop as trainer
 from effx.training.restore import evaluate_workdir
 
 
