@@ -45,7 +45,8 @@ class Family(nn.Module):
   decodable: ClassVar[bool] = False
   # The implementations the family runs on besides "auto" (``effx.attention.backends``):
   # "xla" (plain XLA ops, every device); "pallas" (the block-sparse Pallas kernel: Triton
-  # on a GPU, interpret mode elsewhere); "cudnn" (``jax.nn.dot_product_attention``).
+  # on a GPU, interpret mode elsewhere); "splash" (TPU splash attention through the same
+  # kernel seam, interpret mode elsewhere); "cudnn" (``jax.nn.dot_product_attention``).
   backends: ClassVar[tuple[str, ...]] = ("xla",)
 
   def __post_init__(self):

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # A finite "minus infinity": exp() of it is 0, and unlike -inf it never makes NaN in
 # (x - max) when a whole row is masked, in the forward pass or in gradients.
@@ -145,14 +146,16 @@ def merge(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.
 
 
 def pad_axis(x: jax.Array, multiple: int, axis: int, value=0) -> jax.Array:
-  """Pads ``axis`` of ``x`` at the end up to a multiple of ``multiple``."""
+  """Pads ``axis`` of ``x`` at the end up to a multiple of ``multiple`` (numpy stays
+  numpy)."""
   size = x.shape[axis]
   extra = -size % multiple
   if extra == 0:
     return x
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.pad(x, widths, constant_values=value)
 
 
 def to_residues(x: jax.Array, d: int) -> jax.Array:
@@ -160,7 +163,8 @@ def to_residues(x: jax.Array, d: int) -> jax.Array:
   equal residue mod ``d`` as separate sequences (length padded with zeros)."""
   b = x.shape[0]
   x = pad_axis(x, d, axis=1)
-  x = jnp.swapaxes(x.reshape(b, -1, d, *x.shape[2:]), 1, 2)
+  xp = np if isinstance(x, np.ndarray) else jnp
+  x = xp.swapaxes(x.reshape(b, -1, d, *x.shape[2:]), 1, 2)
   return x.reshape(b * d, -1, *x.shape[3:])
 
 
@@ -172,8 +176,9 @@ def from_residues(x: jax.Array, d: int, length: int) -> jax.Array:
 
 
 def positions(batch: int, length: int, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """``(pos [batch, length] int32, valid [batch, length] bool)`` for a padding mask."""
-  pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  """``(pos [batch, length] int32, valid [batch, length] bool)`` for a padding mask.
+  ``pos`` is a numpy constant: the kernel's splash backend builds its masks from it."""
+  pos = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
   valid = jnp.ones((batch, length), bool) if mask is None else mask
   return pos, valid
 

@@ -11,7 +11,7 @@ from effx.attention.base import Family, check_choice, check_qkv, zero_padded_que
 from effx.attention.core import NEG, positions
 from effx.attention.registry import register
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -25,10 +25,11 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
     implementation: ``"xla"``: einsum and a float32 masked softmax, any backend;
       ``"cudnn"``: cuDNN's fused kernel through ``jax.nn.dot_product_attention`` (GPU only,
       float16/bfloat16, ``head_dim_v == head_dim`` a multiple of 8 up to 128; errors
-      elsewhere); ``"pallas"``: the block-sparse Pallas kernel over every block
-      (``kernel.attend``: flash attention; interpret mode off a GPU); ``"auto"``
-      (default): ``"cudnn"`` when its conditions hold, else ``"xla"``. All compute the
-      same function.
+      elsewhere); ``"pallas"`` / ``"splash"``: ``kernel.attend`` over every block on
+      the block-sparse Pallas kernel (flash attention; interpret mode off a GPU) or TPU
+      splash attention (interpret mode off a TPU); ``"auto"`` (default): ``"cudnn"`` on
+      a GPU when its conditions hold, ``"splash"`` on a TPU, else ``"xla"``. All compute
+      the same function.
 
   Returns:
     ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
@@ -36,8 +37,9 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
   mask = check_qkv("dense", q, k, v, mask)
   check_choice("dense", "implementation", implementation, IMPLEMENTATIONS)
   if implementation == "auto":
-    implementation = "cudnn" if _cudnn_applies(q, v) else "xla"
-  if implementation != "pallas":  # kernel.attend records its own choice
+    implementation = ("cudnn" if cudnn_applies(q, v) else
+                      "splash" if kernel.target_platform() == "tpu" else "xla")
+  if implementation not in ("pallas", "splash"):  # kernel.attend records its own choice
     kernel.note(implementation)
   if implementation == "cudnn":
     key_mask = None if mask is None else mask[:, None, None, :]  # [b, 1, 1, k]
@@ -45,13 +47,13 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
                                        implementation="cudnn")
     return zero_padded_queries(out.astype(q.dtype), mask)
   length = q.shape[1]
-  if implementation == "pallas":
+  if implementation in ("pallas", "splash"):
     block = min(128, max(16, 1 << (length - 1).bit_length()))
     pos, valid = positions(q.shape[0], length, mask)
     out, _ = kernel.attend(q, k, v, kernel.Layout.full(length, length, block, block,
                                                        causal=causal),
                            q_pos=pos, k_pos=pos, k_valid=valid, causal=causal,
-                           implementation="pallas")
+                           implementation=implementation)
     return zero_padded_queries(out.astype(q.dtype), mask)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                       preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
@@ -70,8 +72,10 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
   return zero_padded_queries(out.astype(q.dtype), mask)
 
 
-def _cudnn_applies(q: jax.Array, v: jax.Array) -> bool:
-  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+def cudnn_applies(q: jax.Array, v: jax.Array) -> bool:
+  """Whether cuDNN's fused attention runs these inputs: a GPU target, float16/bfloat16,
+  ``head_dim_v == head_dim``, a multiple of 8 up to 128."""
+  return (kernel.target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
           and v.shape[-1] == q.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
 
 
@@ -80,13 +84,13 @@ class DenseAttention(Family):
   """Full softmax attention (Vaswani et al., 2017); quadratic time and memory.
 
   Attributes:
-    implementation: ``"auto"`` (default) | ``"xla"`` | ``"cudnn"`` | ``"pallas"``, see
-      ``dense_attention``.
+    implementation: ``"auto"`` (default) | ``"xla"`` | ``"cudnn"`` | ``"pallas"`` |
+      ``"splash"``, see ``dense_attention``.
   """
 
   pattern_kind = "static"
   decodable = True
-  backends = ("xla", "cudnn", "pallas")
+  backends = ("xla", "cudnn", "pallas", "splash")
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic  # no randomness

@@ -26,8 +26,10 @@ step a batched matmul over ~``STEP_BYTES`` of scores; XLA therefore keeps one st
 scores alive at a time.
 
 The layout is the seam for accelerator kernels: ``implementation`` selects the backend,
-``"xla"`` (this file, any device) or ``"pallas"`` (``flash``: one fused program per query
-block, Triton on a GPU), both driven by the same layout and element rules (``tiles``).
+``"xla"`` (this file, any device), ``"pallas"`` (``flash``: one fused program per query
+block, Triton on a GPU), both driven by the same layout and element rules (``tiles``), or
+``"splash"`` (``splash``: TPU splash attention over the element mask the layout, the
+causality and the rule make, for calls that can be written as one mask per head).
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention import flash, tiles
+from effx.attention import flash, splash, tiles
 from effx.attention.core import NEG, pad_axis
 
 f32 = jnp.float32
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
-BACKENDS = ("xla", "pallas")  # what a family on this kernel runs on
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "splash")
+BACKENDS = ("xla", "pallas", "splash")  # what a family on this kernel runs on
+DYNAMIC_BACKENDS = ("xla", "pallas")  # what one with per-example layouts runs on
 _BACKEND = contextvars.ContextVar("effx_kernel_backend", default="auto")
 
 
@@ -66,14 +69,37 @@ def backend(implementation: str):
     _BACKEND.reset(token)
 
 
+_PLATFORM = contextvars.ContextVar("effx_kernel_platform", default=None)
+
+
+@contextlib.contextmanager
+def platform(name: str):
+  """Attention traced inside the block is for devices of ``name`` (``"cpu"``, ``"gpu"``,
+  ``"tpu"``), not JAX's default backend: how a program compiled ahead of time for a TPU
+  topology on another machine picks splash, and runs no kernel in interpret mode."""
+  if name not in ("cpu", "gpu", "tpu"):
+    raise ValueError(f"kernel.platform: {name!r} is not one of 'cpu', 'gpu', 'tpu'")
+  token = _PLATFORM.set(name)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The innermost ``platform`` block's name, else JAX's default backend."""
+  return _PLATFORM.get() or jax.default_backend()
+
+
 _SEEN = contextvars.ContextVar("effx_kernel_seen", default=None)
 
 
 @contextlib.contextmanager
 def recording():
   """Yields a set that collects the backend of every attention call traced inside the
-  block (``"xla"``, ``"pallas"``, ``"cudnn"``): how a training run learns and records
-  what ``"auto"`` chose."""
+  block (``"xla"``, ``"pallas"``, ``"splash"``, ``"cudnn"``; on a TPU, ``"xla (...)"``
+  with the reason where ``"auto"`` could not use splash): how a training run learns and
+  records what ``"auto"`` chose."""
   seen = set()
   token = _SEEN.set(seen)
   try:
@@ -292,9 +318,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
     scale: logit scale, default ``d ** -0.5``.
     implementation: ``"xla"`` (nested scans of batched matmuls, any device),
       ``"pallas"`` (``flash``: one fused program per query block; Triton on a GPU,
-      interpret mode elsewhere) or ``"auto"``: pallas on a GPU when the blocks make
-      Triton tiles, else xla (see ``resolve``). Default: the innermost ``backend``
-      block's, else ``"auto"``.
+      interpret mode elsewhere), ``"splash"`` (``splash``: TPU splash attention over one
+      element mask per head; interpret mode elsewhere; raises for a call it cannot
+      express: a per-example layout, a bias, positions computed at run time) or
+      ``"auto"``: splash on a TPU where it can express the call, pallas on a GPU when
+      the blocks make Triton tiles, else xla (see ``resolve``). Default: the innermost
+      ``backend`` block's, else ``"auto"``.
 
   Returns:
     ``out [batch, q_len, heads, dv]`` float32 (zeros for a query with no allowed key) and
@@ -320,7 +349,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
     # [b, (h,) l, (f)] -> [b, 1 | h, n, block, (f)]
     if x is None:
       return None
-    x = jnp.asarray(x, dtype)
+    x = _compact(x, dtype)
     x = x[:, None] if x.ndim == 2 + features else x
     x = pad_axis(x, block, axis=2, value=fill)
     return x.reshape(x.shape[:2] + (-1, block) + x.shape[3:])
@@ -331,8 +360,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
          (per_position(k_pos, bk, 0, jnp.int32), per_position(k_valid, bk, False, bool),
           per_position(k_segment, bk, -2, jnp.int32),
           per_position(k_info, bk, 0, jnp.int32, features=True)))
-  chosen = resolve(_BACKEND.get() if implementation is None else implementation, layout)
-  note(chosen)
+  asked = _BACKEND.get() if implementation is None else implementation
+  target = target_platform()
+  plan = None
+  if asked == "splash" or (asked == "auto" and target == "tpu"):
+    plan = splash.plan(layout, q_pos, k_pos, heads=h, causal=bool(causal), rule=rule,
+                       bias=bias)
+  chosen = resolve(asked, layout, target, splash=plan)
+  note(f"xla (no splash: {plan})" if isinstance(plan, str) and asked == "auto" else chosen)
+  if chosen == "splash":
+    out, lse = splash.attend(q, k, v, plan, k_valid=k_valid, q_segment=q_segment,
+                             k_segment=k_segment, scale=scale, interpret=target != "tpu")
+    return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse, 1, 2)
   if chosen == "xla":
     ids = (jnp.asarray(layout.k_ids), jnp.asarray(layout.valid),
            None if layout.q_ids is None else jnp.asarray(layout.q_ids))
@@ -341,25 +380,40 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
   else:
     out, lse = _pallas(heads_first(q, bq), heads_first(k, bk), heads_first(v, bk), pos,
                        layout, flash.Static(bool(causal), rule, bias, scale, bq, bk,
-                                            interpret=jax.default_backend() != "gpu"))
+                                            interpret=target != "gpu"))
   out = out.reshape(b, h, -1, out.shape[-1])[:, :, :lq]
   lse = lse.reshape(b, h, -1)[:, :, :lq]
   return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse, 1, 2)
 
 
-def resolve(implementation: str, layout: Layout, platform: str | None = None) -> str:
-  """The backend ``attend`` runs for ``implementation`` on ``platform`` (default: JAX's
-  default backend): ``"xla"`` or ``"pallas"``. ``"pallas"`` asked for on a GPU with blocks
-  Triton cannot tile raises, naming the blocks; ``"auto"`` then runs xla."""
+def _compact(x, dtype):
+  """``x`` as a jax array; numpy positions equal in every example (the usual ``arange``)
+  become one broadcast row, not a ``[batch, length]`` constant in the program."""
+  if isinstance(x, np.ndarray) and x.ndim >= 2 and (x == x[:1]).all():
+    return jnp.broadcast_to(jnp.asarray(x[:1], dtype), x.shape)
+  return jnp.asarray(x, dtype)
+
+
+def resolve(implementation: str, layout: Layout, platform: str | None = None, *,
+            splash=None) -> str:
+  """The backend ``attend`` runs for ``implementation`` on ``platform`` (default:
+  ``target_platform()``): ``"xla"``, ``"pallas"`` or ``"splash"``. ``splash`` is the call's
+  ``splash.plan`` (a plan, or the reason there is none). Asked for explicitly, a backend
+  that cannot run the call raises, saying why; ``"auto"`` then runs xla."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"kernel: implementation={implementation!r} is not available; "
                      f"available: {', '.join(map(repr, IMPLEMENTATIONS))}")
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform()
   problem = flash.tile_problem(layout.block_q, layout.block_k)
   if implementation == "pallas" and platform == "gpu" and problem:
     raise ValueError(f"kernel: implementation='pallas' on a GPU cannot run this layout "
                      f"({problem}); use implementation='xla' or other block sizes")
+  if implementation == "splash" and isinstance(splash, str):
+    raise ValueError(f"kernel: implementation='splash' cannot run this call: {splash}; "
+                     f"use implementation='xla' or 'pallas'")
   if implementation == "auto":
+    if platform == "tpu":
+      return "splash" if splash is not None and not isinstance(splash, str) else "xla"
     return "pallas" if platform == "gpu" and not problem else "xla"
   return implementation
 

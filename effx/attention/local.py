@@ -11,6 +11,7 @@ import numpy as np
 from effx.attention import decoding, kernel
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
 from effx.attention.core import AllOf, Band, positions
+from effx.attention.dense import cudnn_applies
 from effx.attention.registry import register
 
 
@@ -68,6 +69,19 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
   return zero_padded_queries(out.astype(q.dtype), mask)
 
 
+def cudnn_local(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                window: int = 128) -> jax.Array:
+  """Causal sliding-window attention on cuDNN's fused kernel (a GPU; float16 / bfloat16,
+  ``head_dim_v == head_dim`` a multiple of 8 up to 128): query ``i`` sees keys
+  ``i - window .. i``, as ``local_attention(causal=True)``. Padding goes in as a key mask."""
+  mask = check_qkv("local", q, k, v, mask)
+  kernel.note("cudnn")
+  out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None],
+                                     is_causal=True, local_window_size=(window, 0),
+                                     implementation="cudnn")
+  return zero_padded_queries(out.astype(q.dtype), mask)
+
+
 def band_pattern(length: int, window: int, causal: bool, dilation: int = 1) -> np.ndarray:
   """``[length, length]``: ``|i - j| <= window * dilation``, ``(i - j) % dilation == 0``."""
   diff = np.arange(length)[:, None] - np.arange(length)[None, :]
@@ -85,16 +99,22 @@ class LocalAttention(Family):
   """
 
   pattern_kind = "static"
-  backends = kernel.BACKENDS
+  backends = kernel.BACKENDS + ("cudnn",)  # cudnn: causal only (a left window)
   decodable = True
 
   window: int = 128
 
   def check_options(self):
     check_positive("local", "window", self.window)
+    if self.implementation == "cudnn" and not self.causal:
+      raise ValueError("local: implementation='cudnn' runs causal=True only (cuDNN's "
+                       "sliding window is left-sided); use 'pallas' or 'xla'")
 
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     del deterministic
+    if self.implementation == "cudnn" or (self.implementation == "auto" and self.causal
+                                          and cudnn_applies(q, v)):
+      return cudnn_local(q, k, v, mask=mask, window=self.window)
     with kernel.backend(self.implementation):
       return local_attention(q, k, v, mask=mask, causal=self.causal, window=self.window)
 

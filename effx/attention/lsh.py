@@ -227,7 +227,7 @@ class LSHAttention(Family):
   """
 
   pattern_kind = "content"
-  backends = kernel.BACKENDS
+  backends = kernel.DYNAMIC_BACKENDS  # splash: its layouts are drawn per example
   derived_defaults = {"n_buckets": "2 * ceil(real tokens / bucket_size), per example"}
 
   n_hashes: int = 2

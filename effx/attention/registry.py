@@ -77,7 +77,8 @@ def options(name: str) -> Options:
 def backends(name: str) -> tuple[str, ...]:
   """The implementations family ``name`` runs on (its ``implementation`` option also
   takes ``"auto"``): ``"xla"`` everywhere, ``"pallas"`` for the families on the
-  block-sparse kernel, ``"cudnn"`` for dense."""
+  block-sparse kernel, ``"splash"`` for those of them whose layouts are static,
+  ``"cudnn"`` for dense."""
   return tuple(getattr(get(name), "backends", ("xla",)))
 
 

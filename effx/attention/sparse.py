@@ -47,7 +47,9 @@ def _strided(q, k, v, mask, causal, stride):
   b, length = q.shape[:2]
   pos, valid = positions(b, length, mask)
   near = local_parts(q, k, v, mask=mask, causal=causal, window=stride - 1)
-  rpos = to_residues(pos, stride)
+  # Positions of the whole padded residue grid (r + stride * t), so every residue sequence
+  # has the same order pattern (the padding's positions change no real output).
+  rpos = to_residues(positions(b, -(-length // stride) * stride, None)[0], stride)
   out, lse = _full(to_residues(q, stride), to_residues(k, stride), to_residues(v, stride),
                    q_pos=rpos, k_pos=rpos, k_valid=to_residues(valid, stride), causal=causal,
                    rule=NotSelf(), same_order=True)
@@ -66,7 +68,7 @@ def _fixed(q, k, v, mask, causal, stride, summary):
   idx = np.array([p for p in range(length) if p % stride >= stride - summary], np.int32)
   if idx.size == 0:
     return own
-  spos = jnp.broadcast_to(jnp.asarray(idx), (b, idx.size))
+  spos = np.broadcast_to(idx, (b, idx.size))
   other = _full(q, k[:, idx], v[:, idx], q_pos=pos, k_pos=spos, k_valid=valid[:, idx],
                 causal=causal, rule=OtherBlock(stride))
   return merge([own, other])

@@ -39,7 +39,7 @@ class SynthesizerAttention(Family):
     param_dtype: dtype of the synthesiser's parameters.
   """
 
-  backends = kernel.BACKENDS  # pallas: mode='factorized_random' only
+  backends = kernel.BACKENDS  # pallas, splash: mode='factorized_random' only
 
   derived_defaults = {"hidden": "head_dim"}
 
@@ -54,9 +54,10 @@ class SynthesizerAttention(Family):
     check_positive("synthesizer", "max_len", self.max_len)
     check_positive("synthesizer", "rank", self.rank)
     check_positive("synthesizer", "hidden", self.hidden, allow_none=True)
-    if self.implementation == "pallas" and self.mode != "factorized_random":
-      raise ValueError(f"synthesizer: implementation='pallas' runs mode='factorized_random' "
-                       f"only (mode={self.mode!r} mixes values with a dense softmax)")
+    if self.implementation in ("pallas", "splash") and self.mode != "factorized_random":
+      raise ValueError(f"synthesizer: implementation={self.implementation!r} runs "
+                       f"mode='factorized_random' only (mode={self.mode!r} mixes values "
+                       f"with a dense softmax)")
 
   @nn.compact
   def __call__(self, q, k, v, *, mask=None, deterministic=True):

@@ -3,6 +3,7 @@
   python -m effx.bench.attention --families=all --lengths=512,1024,2048,4096,8192,16384 \\
       --mode=train --out=experiments/results/cpu/attention_train
   python -m effx.bench.attention --backends=xla,cudnn,pallas --dtype=bfloat16 ...  # a GPU
+  python -m effx.bench.attention --backends=xla,splash --dtype=bfloat16 ...  # a TPU
 
 For each family and length, in a fresh subprocess: the attention layer alone (already
 projected ``q, k, v [batch, length, heads, head_dim]``), forward (``infer``) or forward +
@@ -265,7 +266,8 @@ def define_flags() -> None:
   flags.DEFINE_string("worker", None, "internal: one measurement (JSON spec)")
   flags.DEFINE_string("families", "all", "comma-separated names, or 'all'")
   flags.DEFINE_string("backends", "xla", "comma-separated: xla, pallas (interpret mode off "
-                      "a GPU), cudnn (dense, GPU); each family runs on those it has")
+                      "a GPU), splash (interpret mode off a TPU), cudnn (dense, GPU); each "
+                      "family runs on those it has")
   flags.DEFINE_string("lengths", "512,1024,2048,4096,8192,16384", "comma-separated lengths")
   flags.DEFINE_enum("mode", "train", ["infer", "train"], "forward, or forward + backward")
   flags.DEFINE_integer("batch", 1, "batch size")

@@ -35,9 +35,10 @@ class ModelConfig:
     attention_dropout_rate: on the mixed attention heads.
     attention, attention_kwargs: family name and options.
     implementation: the attention's backend: ``"auto"`` (the fastest the device and
-      input allow: the block-sparse Pallas kernel or cuDNN on a GPU, XLA elsewhere) or
-      one of ``effx.attention.backends(attention)`` (``"xla"``, ``"pallas"``, and
-      ``"cudnn"`` for dense); a family's ``implementation`` option says the same.
+      input allow: the block-sparse Pallas kernel or cuDNN on a GPU, splash attention
+      on a TPU, XLA elsewhere) or one of ``effx.attention.backends(attention)``
+      (``"xla"``, ``"pallas"``, ``"splash"``, and ``"cudnn"`` for dense); a family's
+      ``implementation`` option says the same.
     pool: ``"cls"`` (a learned [CLS] vector prepended to the sequence), ``"mean"``
       (over real tokens) or ``"first"`` (the first input token's output, e.g. a [CLS]
       token the tokenizer put there); not for ``causal_lm``.

@@ -1,6 +1,8 @@
 """Backends: every family on every backend it claims computes the XLA backend's function
-(outputs and gradients); a backend a family lacks fails when the module is built, naming
-the ones it has; the Pallas kernel lowers to Triton for a GPU."""
+(outputs and gradients; Pallas and splash in interpret mode); a backend a family lacks
+fails when the module is built, naming the ones it has; a call splash cannot express
+fails with the reason, or runs on xla under "auto"; the Pallas kernel lowers to Triton
+for a GPU."""
 
 import functools
 
@@ -11,12 +13,12 @@ import pytest
 from jax import export
 
 import effx.attention as ea
-from effx.attention import flash, kernel
+from effx.attention import flash, kernel, splash
 from effx.attention.core import Band
 from effx.models.config import ModelConfig
 from support import SMALL, cases, padding_mask, qkv
 
-PALLAS = [(n, c) for n, c in cases() if "pallas" in ea.backends(n)]
+KERNELS = [(n, c, b) for n, c in cases() for b in ("pallas", "splash") if b in ea.backends(n)]
 
 
 def _options(name):
@@ -51,77 +53,146 @@ def _relative(got, want):
   return np.abs(got - want).max() / max(np.abs(want).max(), 1.0 if not want.any() else 0.0)
 
 
-@pytest.mark.parametrize("name,causal", PALLAS)
-def test_pallas_equals_xla(name, causal):
-  """float32, padded row, [2, 37, 3, 8] (ragged: lengths are padded to whole blocks):
-  outputs and gradients within 1e-5 of the XLA kernel's, relative to their largest
-  value. The Pallas kernel runs in interpret mode here."""
+@pytest.mark.parametrize("name,causal,backend", KERNELS)
+def test_kernel_backends_equal_xla(name, causal, backend):
+  """float32, padded row, [2, 37, 3, 8] (ragged: lengths are padded to whole blocks,
+  splash's to 128): outputs and gradients within 1e-5 of the XLA kernel's, relative to
+  their largest value. Pallas and splash run in interpret mode here."""
   q, k, v = qkv()
   mask = padding_mask()
-  want, got = _out_and_grads(name, causal, ("xla", "pallas"), q, k, v, mask)
+  want, got = _out_and_grads(name, causal, ("xla", backend), q, k, v, mask)
   assert _relative(got[0], want[0]) <= 1e-5, name
   for g, w, which in zip(got[1], want[1], "qkv"):
     assert _relative(g, w) <= 1e-5, f"{name}: d{which}"
 
 
-def test_pallas_bfloat16_close_to_xla():
+def test_bfloat16_close_to_xla():
   """bfloat16 inputs: the Pallas kernel multiplies bfloat16 probabilities into bfloat16
-  values (the XLA kernel in float32), so the two agree to bfloat16's precision: 2e-2 of
-  the largest value, outputs and gradients."""
+  values, splash rounds its output and the backward's probabilities to bfloat16 (the XLA
+  kernel keeps float32), so they agree to bfloat16's precision: 2e-2 of the largest
+  value, outputs and gradients."""
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv(length=64, dim=16))
   mask = padding_mask(length=64)
-  want, got = _out_and_grads("local", True, ("xla", "pallas"), q, k, v, mask)
-  assert _relative(got[0], want[0]) <= 2e-2
-  for g, w in zip(got[1], want[1]):
-    assert _relative(g, w) <= 2e-2
+  want, *got = _out_and_grads("local", True, ("xla", "pallas", "splash"), q, k, v, mask)
+  for out, grads in got:
+    assert _relative(out, want[0]) <= 2e-2
+    for g, w in zip(grads, want[1]):
+      assert _relative(g, w) <= 2e-2
 
 
 def test_a_backend_a_family_lacks_fails_when_built():
-  assert ea.backends("dense") == ("xla", "cudnn", "pallas")
-  assert ea.backends("local") == ("xla", "pallas")
+  assert ea.backends("dense") == ("xla", "cudnn", "pallas", "splash")
+  assert ea.backends("local") == ("xla", "pallas", "splash", "cudnn")
+  assert ea.backends("bigbird") == ea.backends("lsh") == ("xla", "pallas")
   assert ea.backends("performer") == ("xla",)
   assert "'pallas'" in ea.options("bigbird").notes["implementation"]
   with pytest.raises(ValueError, match=r"'performer' has no implementation='pallas'; it "
                                        r"runs on: 'auto', 'xla'$"):
     ea.make("performer", implementation="pallas")
-  with pytest.raises(ValueError, match=r"'local' has no implementation='cudnn'; it runs "
-                                       r"on: 'auto', 'xla', 'pallas'"):
-    ea.make("local", implementation="cudnn")
-  with pytest.raises(ValueError, match="runs mode='factorized_random' only"):
-    ea.make("synthesizer", implementation="pallas")
+  with pytest.raises(ValueError, match=r"'blockwise' has no implementation='cudnn'; it runs "
+                                       r"on: 'auto', 'xla', 'pallas', 'splash'$"):
+    ea.make("blockwise", implementation="cudnn")
+  with pytest.raises(ValueError, match=r"'bigbird' has no implementation='splash'; it runs "
+                                       r"on: 'auto', 'xla', 'pallas'$"):
+    ea.make("bigbird", implementation="splash")
+  for backend in ("pallas", "splash"):
+    with pytest.raises(ValueError, match=f"implementation='{backend}' runs "
+                                         f"mode='factorized_random' only"):
+      ea.make("synthesizer", implementation=backend)
   with pytest.raises(ValueError, match="'linformer' has no implementation='pallas'"):
     ea.SelfAttention(num_heads=2, qkv_features=8, attention="linformer",
                      attention_kwargs={"max_len": 16}, implementation="pallas")
-  with pytest.raises(ValueError, match=r"model.implementation='splash': attention 'local' "
+  with pytest.raises(ValueError, match=r"model.implementation='splash': attention 'lsh' "
                                        r"runs on 'auto', 'xla', 'pallas'"):
-    ModelConfig(attention="local", implementation="splash").block  # noqa: B018
-  with pytest.raises(ValueError, match="implementation='splash' is not available"):
-    with kernel.backend("splash"):
+    ModelConfig(attention="lsh", implementation="splash").block  # noqa: B018
+  with pytest.raises(ValueError, match="implementation='triton' is not available"):
+    with kernel.backend("triton"):
       pass
 
 
-def test_auto_picks_pallas_on_a_gpu_when_the_blocks_make_triton_tiles():
+def test_auto_picks_pallas_on_a_gpu_and_splash_on_a_tpu_where_they_can_run():
   small, large = kernel.Layout.band(64, 8, 8, 8), kernel.Layout.band(512, 64, 64, 64)
+  pos = np.broadcast_to(np.arange(512), (2, 512))
+  plan = splash.plan(large, pos, pos, heads=2, causal=False, rule=Band(64), bias=None)
+  assert plan.masks == (("local", 64, 64),) * 2  # splash's lazy LocalMask
   assert kernel.resolve("auto", large, "gpu") == "pallas"
   assert kernel.resolve("auto", small, "gpu") == "xla"
-  assert kernel.resolve("auto", large, "cpu") == "xla"
-  assert kernel.resolve("auto", large, "tpu") == "xla"
+  assert kernel.resolve("auto", large, "cpu", splash=plan) == "xla"
+  assert kernel.resolve("auto", large, "tpu", splash=plan) == "splash"
+  assert kernel.resolve("auto", large, "tpu", splash="a reason") == "xla"
   assert kernel.resolve("pallas", small, "cpu") == "pallas"  # interpret mode
   with pytest.raises(ValueError, match=r"block_q=8: Triton tiles must be powers of two of "
                                        r"at least 16\); use implementation='xla'"):
     kernel.resolve("pallas", small, "gpu")
+  reasons = {
+      "drawn per example": (kernel.Layout.from_table(jnp.zeros((1, 1, 8, 1), int),
+                                                     jnp.ones((1, 1, 8, 1), bool), 64, 64, 8),
+                            pos, pos, None),
+      "computed at run time": (large, None, pos, None),
+      "differ between examples": (large, pos * np.array([[1], [0]]), pos, None),
+      "logit bias": (large, pos, pos, _SameFeature()),
+  }
+  for reason, (layout, qp, kp, bias) in reasons.items():
+    plans = []  # positions None: a traced array
+    jax.eval_shape(lambda p: plans.append(splash.plan(  # noqa: B023
+        layout, p if qp is None else qp, kp, heads=2, causal=True, rule=None,  # noqa: B023
+        bias=bias)), pos)  # noqa: B023
+    why = plans[0]
+    assert reason in why
+    with pytest.raises(ValueError, match=f"implementation='splash' cannot run this call: "
+                                         f"it.*{reason}.*; use implementation='xla'"):
+      kernel.resolve("splash", layout, "cpu", splash=why)
+
+
+def _traced_backends(name, implementation="auto", length=37, **options):
+  q, k, v = qkv(length=length)
+  module = ea.make(name, implementation=implementation, **{**SMALL.get(name, {}), **options})
+  variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), q, k, v)
+  with kernel.recording() as seen:
+    jax.eval_shape(lambda q: module.apply(variables, q, k, v), q)
+  return seen
 
 
 def test_the_choice_is_recorded_while_tracing():
+  assert _traced_backends("longformer") == {"xla"}
+  assert _traced_backends("longformer", "pallas") == {"pallas"}
+  assert _traced_backends("longformer", "splash") == {"splash"}
+  assert _traced_backends("dense") == {"xla"}
+  assert _traced_backends("dense", "splash") == {"splash"}
+  # Traced for a TPU (as a program compiled ahead of time is), "auto" takes splash where
+  # the layout allows it and says why not elsewhere; for a GPU, Pallas or cuDNN.
+  with kernel.platform("tpu"):
+    assert _traced_backends("local") == {"splash"}
+    assert _traced_backends("dense") == {"splash"}
+    assert _traced_backends("bigbird", num_global_blocks=0) == {
+        "xla (no splash: its layout is drawn per example (splash masks are one per head))"}
+  with kernel.platform("gpu"):
+    assert _traced_backends("local", length=64) == {"pallas"}  # blocks of 64
+
+
+def test_causal_local_on_cudnn_asks_for_the_same_window(monkeypatch):
+  """cuDNN cannot run here, so ``jax.nn.dot_product_attention`` is given its XLA
+  implementation with the very arguments local passes cuDNN (the window, causality,
+  the padding): it must compute local's function. Non-causal local refuses cuDNN."""
+  calls = []
+  original = jax.nn.dot_product_attention
+
+  def on_xla(*args, implementation=None, **kwargs):
+    calls.append((implementation, kwargs["local_window_size"], kwargs["is_causal"]))
+    return original(*args, implementation="xla", **kwargs)
+
   q, k, v = qkv()
-  for implementation, want in (("auto", {"xla"}), ("pallas", {"pallas"})):
-    module = ea.make("longformer", implementation=implementation, **SMALL["longformer"])
-    with kernel.recording() as seen:
-      jax.eval_shape(lambda q: module.apply({}, q, k, v), q)
-    assert seen == want
+  mask = padding_mask()
+  want = ea.make("local", causal=True, implementation="xla", window=4).apply({}, q, k, v,
+                                                                            mask=mask)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", on_xla)
+  module = ea.make("local", causal=True, implementation="cudnn", window=4)
   with kernel.recording() as seen:
-    jax.eval_shape(lambda q: ea.make("dense").apply({}, q, k, v), q)
-  assert seen == {"xla"}
+    got = module.apply({}, q, k, v, mask=mask)
+  assert calls == [("cudnn", (4, 0), True)] and seen == {"cudnn"}
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  with pytest.raises(ValueError, match="local: implementation='cudnn' runs causal=True only"):
+    ea.make("local", implementation="cudnn")
 
 
 def test_layout_columns_are_the_rows_transposed():

@@ -68,14 +68,15 @@ def _check(fn, q, k, v, allowed, atol=2e-5, bias=0.0):
     np.testing.assert_allclose(g, w, atol=atol * 5)
 
 
-# The fast tier runs the XLA kernel; the Pallas kernel's day-to-day check is
-# tests/attention/test_backends.py (families on pallas equal to xla).
+# The fast tier runs the XLA kernel; the Pallas and splash kernels' day-to-day check is
+# tests/attention/test_backends.py (families on them equal to xla).
 @pytest.fixture(params=["xla", pytest.param("xla_chunks_of_3", marks=pytest.mark.slow),
-                        pytest.param("pallas", marks=pytest.mark.slow)])
+                        pytest.param("pallas", marks=pytest.mark.slow),
+                        pytest.param("splash", marks=pytest.mark.slow)])
 def backend(request, monkeypatch):
   """The implementation ``attend`` runs: the XLA kernel with every lane in one step or 3
-  lanes per step (lanes padded to a multiple of 3), or the Pallas kernel (interpret mode
-  on a CPU)."""
+  lanes per step (lanes padded to a multiple of 3), the Pallas kernel or splash attention
+  (both in interpret mode on a CPU)."""
   if request.param == "xla_chunks_of_3":
     monkeypatch.setattr(kernel, "STEP_BYTES", 3 * 4 * 3 * 2 * 16 * 16)
   return request.param.split("_")[0]
@@ -85,8 +86,8 @@ def backend(request, monkeypatch):
     (0, 40, 40, 8, 8, False), (1, 37, 37, 8, 16, True), (2, 24, 50, 8, 8, False),
     (3, 64, 64, 16, 8, True), (4, 80, 80, 8, 8, True)])
 def test_static_random_layout(seed, lq, lk, bq, bk, causal, backend):
-  if backend == "pallas" and seed in (0, 3):  # the others cover its cases (ragged, packed)
-    pytest.skip("pallas: seeds 1, 2 and 4")
+  if backend in ("pallas", "splash") and seed in (0, 3):  # the others cover its cases
+    pytest.skip(f"{backend}: seeds 1, 2 and 4 (ragged, packed)")
   q, k, v, valid, rng = _inputs(seed, 3, lq, lk, 2, 8, 6)
   nq, nk = -(-lq // bq), -(-lk // bk)
   blocks = rng.random((nq, nk)) < 0.4
@@ -154,6 +155,10 @@ def test_bias_from_per_position_infos(backend):
     return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid, bias=_Matches(),
                          q_info=jnp.asarray(info), k_info=jnp.asarray(info), implementation=backend)
 
+  if backend == "splash":
+    with pytest.raises(ValueError, match="splash' cannot run this call: it adds a logit bias"):
+      jax.eval_shape(fn, q, k, v)
+    return
   _check(fn, q, k, v, jnp.asarray(allowed), bias=jnp.asarray(bias, jnp.float32))
 
 
@@ -177,6 +182,10 @@ def test_dynamic_per_head_table(backend):
     return kernel.attend(q, k, v, layout, q_pos=pos, k_pos=pos, k_valid=valid,
                          implementation=backend)
 
+  if backend == "splash":
+    with pytest.raises(ValueError, match="its layout is drawn per example"):
+      jax.eval_shape(fn, q, k, v)
+    return
   _check(fn, q, k, v, jnp.asarray(allowed))
 
 
@@ -195,6 +204,10 @@ def test_per_head_sorted_positions(backend):
     return kernel.attend(q, k, v, layout, q_pos=jnp.asarray(perm), k_pos=jnp.asarray(perm),
                          k_valid=valid, causal=True, implementation=backend)
 
+  if backend == "splash":
+    with pytest.raises(ValueError, match="its positions are computed at run time"):
+      jax.eval_shape(fn, q, k, v)
+    return
   _check(fn, q, k, v, jnp.asarray(allowed))
 
 
@@ -250,9 +263,10 @@ def test_bad_input_is_one_clear_message():
   ok = jnp.ones((1, 16), bool)
   with pytest.raises(ValueError, match="does not fit q_len=16"):
     kernel.attend(q, q, q, kernel.Layout.band(32, 8, 4, 4), q_pos=pos, k_pos=pos, k_valid=ok)
-  with pytest.raises(ValueError, match="implementation='splash' is not available"):
+  with pytest.raises(ValueError, match="implementation='cudnn' is not available; available: "
+                                       "'auto', 'xla', 'pallas', 'splash'"):
     kernel.attend(q, q, q, kernel.Layout.band(16, 8, 4, 4), q_pos=pos, k_pos=pos, k_valid=ok,
-                  implementation="splash")
+                  implementation="cudnn")
   with pytest.raises(ValueError, match="bias needs q_info and k_info"):
     kernel.attend(q, q, q, kernel.Layout.band(16, 8, 4, 4), q_pos=pos, k_pos=pos, k_valid=ok,
                   bias=_Matches())

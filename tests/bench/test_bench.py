@@ -58,9 +58,9 @@ def test_crossover_is_the_shortest_faster_length():
 def test_bad_input():
   with pytest.raises(ValueError, match="unknown family 'flash'.*registered: .*dense"):
     attention.check_families("dense,flash")
-  with pytest.raises(ValueError, match="--backends: unknown backend 'splash'; known: cudnn, "
-                                       "pallas, xla"):
-    attention.check_backends("xla,splash")
+  with pytest.raises(ValueError, match="--backends: unknown backend 'triton'; known: cudnn, "
+                                       "pallas, splash, xla"):
+    attention.check_backends("xla,triton")
   with pytest.raises(ValueError, match="--lengths: 0 is not a positive length"):
     harness.parse_lengths("512,0")
   with pytest.raises(ValueError, match="'1k' is not an integer"):

@@ -88,12 +88,12 @@ def test_tfds_tasks_train_on_mock_data(tmp_path, name, overrides):
   assert len(losses) == 3 and losses[-1] < losses[0], losses
 
 
-@pytest.mark.slow  # two training runs, one through the Pallas kernel in interpret mode
-def test_the_pallas_backend_trains_like_xla(tmp_path):
-  """Local attention trained 6 steps with model.implementation='pallas' logs the xla
-  run's losses (relative 1e-5) and records the backend each ran on."""
+@pytest.mark.slow  # three training runs, two through Pallas kernels in interpret mode
+def test_the_kernel_backends_train_like_xla(tmp_path):
+  """Local attention trained 6 steps with model.implementation='pallas' and 'splash'
+  logs the xla run's losses (relative 1e-5) and records the backend each ran on."""
   runs = {}
-  for implementation in ("xla", "pallas"):
+  for implementation in ("xla", "pallas", "splash"):
     config = _short("lra_listops", **{"model.attention": "local",
                                        "model.attention_kwargs": {"window": 16},
                                        "model.implementation": implementation})
@@ -101,6 +101,7 @@ def test_the_pallas_backend_trains_like_xla(tmp_path):
     assert results["attention_backend"] == implementation
     runs[implementation] = _train_losses(tmp_path / implementation)
   np.testing.assert_allclose(runs["pallas"], runs["xla"], rtol=1e-5)
+  np.testing.assert_allclose(runs["splash"], runs["xla"], rtol=1e-5)
 
 
 @pytest.mark.slow  # a dual-encoder training run
