@@ -26,15 +26,15 @@ PAIRS = (2, 4, 8, 16)
 # routing, sinkhorn and synthesizer, also causal, are left out to fit that).
 FAMILIES = ("dense", "blockwise", "local", "longformer", "sparse", "dilated", "lsh",
             "linear", "performer", "cosformer")
-# Options of the families whose defaults would make them dense (or, for dilated, dense
-# over the positions of one parity) at LENGTH = 64: each reaches 16 positions back
+# Options of the families whose defaults would make them dense at LENGTH = 64: each
+# reaches 16 positions back
 # instead (sparse: stride 8, about sqrt(LENGTH)). Every other family runs at its
 # defaults; cosformer's re-weighting horizon is the sequence length, as a causal LM needs.
 FAMILY_OPTIONS = {
     "local": {"window": 16},                # default 128 >= LENGTH: dense
     "longformer": {"window": 16},           # default 128 >= LENGTH: dense (+ global token 0)
-    "dilated": {"window": 8},               # default 64 x dilation 2 covers all of LENGTH;
-                                            # dilation stays 2 on every head (its default)
+    "dilated": {"window": 8},               # default 64 covers all of LENGTH; dilation
+                                            # its default: half the heads 1, the rest 2
     "sparse": {"stride": 8},                # default 128: the band alone is dense; ~sqrt(64)
     "lsh": {"bucket_size": 16},             # default 64: one chunk, every token sees all
     "cosformer": {"max_len": LENGTH},       # default: each example's extent (not causal)

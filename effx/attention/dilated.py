@@ -15,7 +15,9 @@ from effx.attention.local import band_pattern, local_parts
 from effx.attention.registry import register
 
 
-def _per_head(dilation: int | Sequence[int], heads: int) -> tuple[int, ...]:
+def _per_head(dilation: int | Sequence[int] | None, heads: int) -> tuple[int, ...]:
+  if dilation is None:  # the default: the first half of the heads undilated, the rest 2
+    return tuple(1 if h < -(-heads // 2) else 2 for h in range(heads))
   if isinstance(dilation, int):
     return (dilation,) * heads
   dilation = tuple(dilation)
@@ -26,6 +28,8 @@ def _per_head(dilation: int | Sequence[int], heads: int) -> tuple[int, ...]:
 
 
 def _check_dilation(dilation) -> None:
+  if dilation is None:
+    return
   values = (dilation,) if isinstance(dilation, int) else tuple(dilation)
   for d in values:
     check_positive("dilated", "dilation", d)
@@ -45,7 +49,7 @@ def _dilated_one(q, k, v, mask, causal, window, d):
 
 def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                       causal: bool = False, window: int = 64,
-                      dilation: int | Sequence[int] = 2) -> jax.Array:
+                      dilation: int | Sequence[int] | None = None) -> jax.Array:
   """Dilated sliding-window attention.
 
   Query ``i`` sees key ``j`` iff ``(i - j) % d == 0`` and ``|i - j| <= window * d``
@@ -57,8 +61,12 @@ def dilated_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Arr
     mask: optional ``[batch, length]`` padding mask (True = real token).
     causal: see only earlier positions.
     window: attended keys on each side (one-sided width, as in ``local``).
-    dilation: one int for every head, or one per head (Longformer gives some heads
-      dilation 1 and others more).
+    dilation: one int for every head, one per head (Longformer gives some heads
+      dilation 1 and others more), or None (default): the first half of the heads
+      (rounded up) at dilation 1, the others at 2. Dilation ``d`` on every head keeps
+      positions of different residues mod ``d`` apart in every layer: a [CLS] token at
+      position 0 then never sees the odd positions, and the model cannot learn tasks
+      that read the whole sequence there (ListOps, MQAR).
 
   Returns:
     ``[batch, length, heads, head_dim_v]`` in ``q``'s dtype; zeros at padded queries.
@@ -86,7 +94,9 @@ class DilatedAttention(Family):
 
   Attributes:
     window: attended keys on each side of the query (default 64).
-    dilation: gap multiplier, one int or a tuple with one value per head (default 2).
+    dilation: gap multiplier, one int or a tuple with one value per head; default None:
+      the first half of the heads at 1, the others at 2 (dilation on every head keeps
+      residue classes apart in every layer, see ``dilated_attention``).
   """
 
   pattern_kind = "static"
@@ -94,7 +104,7 @@ class DilatedAttention(Family):
   decodable = True
 
   window: int = 64
-  dilation: int | tuple[int, ...] = 2
+  dilation: int | tuple[int, ...] | None = None
 
   def check_options(self):
     check_positive("dilated", "window", self.window)

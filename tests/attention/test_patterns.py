@@ -24,6 +24,17 @@ def test_textbook_shapes():
   assert bird.shape == (2, 64, 64) and not np.array_equal(bird[0], bird[1])
 
 
+def test_dilated_default_reaches_every_position_of_the_window():
+  """Default dilation: half the heads undilated, so position 0 (a [CLS] token) meets
+  every position of its window; dilation 2 on every head never meets an odd one."""
+  default = ea.pattern("dilated", 32, num_heads=4, window=6)
+  assert default[:, 0, :7].any(axis=0).all()
+  assert [np.flatnonzero(h[0]).tolist() for h in default[[0, 3]]] == [
+      list(range(7)), [0, 2, 4, 6, 8, 10, 12]]
+  assert not ea.pattern("dilated", 32, num_heads=4, window=6, dilation=2)[:, 0, 1::2].any()
+  assert ea.pattern("dilated", 8, num_heads=1, window=2)[0, 0].tolist() == [1, 1, 1] + [0] * 5
+
+
 def test_content_pattern_is_drawn_for_random_inputs():
   p = ea.pattern("lsh", 32, num_heads=2, bucket_size=8)
   assert p.shape == (2, 32, 32) and 0 < p.mean() < 1
