@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 
 from effx import data as data_lib
+from effx.attention import kernel
 from effx.training.run import Run
 
 # HBM per device (GiB) by TPU generation, from Google Cloud's TPU system architecture pages.
@@ -37,6 +38,10 @@ def topology_devices(name: str) -> list[Any]:
     if "not installed" in str(error):
       raise OSError("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]' "
                     "(no TPU needed)") from None
+    if "lockfile" in str(error):  # libtpu serves one process per machine at a time
+      raise OSError("libtpu is in use by another process on this machine (one at a time); "
+                    "wait for it, or remove /tmp/libtpu_lockfile if that process is "
+                    "gone") from None
     raise ValueError(f"--topology={name!r} is not a TPU topology jax knows "
                      f"({str(error).splitlines()[0][:200]})") from None
   return list(desc.devices)
@@ -57,7 +62,9 @@ def check(config, topology: str) -> dict[str, Any]:
   if task.dual:
     batch["inputs2"] = tokens
   advice = "lower batch_size, use model.remat, or more model parallelism (mesh.model)"
-  with run.context():
+  # Traced for the topology's chips (splash attention where the family's layout allows
+  # it), whatever this machine's own backend.
+  with run.context(), kernel.platform("tpu"), kernel.recording() as backends:
     try:
       compiled = step.lower(run.abstract_state, batch, None).compile()
     except Exception as error:  # the TPU compiler itself refuses what cannot fit
@@ -77,12 +84,22 @@ def check(config, topology: str) -> dict[str, Any]:
             "mesh": dict(zip(run.mesh.axis_names, run.mesh.devices.shape)),
             "per_device_bytes": int(per_device),
             "temp_bytes": int(memory.temp_size_in_bytes),
+            "attention_backend": ", ".join(sorted(backends)),
+            **_costs(compiled),
             "hbm_bytes": None if hbm is None else hbm * 2**30}
   if hbm is not None and per_device > hbm * 2**30:
     raise ValueError(f"the training step does not fit on {topology} ({result['mesh']}): "
                      f"{per_device / 2**30:.1f} GiB per device, over the {hbm} GiB of HBM; "
                      f"{advice}")
   return result
+
+
+def _costs(compiled) -> dict[str, float | None]:
+  """XLA's per-device estimate of the step's floating-point operations and bytes moved
+  (None where the compiler gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+  return {"flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed")}
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from effx.bench import attention, harness, lra_efficiency
+from effx.bench import attention, harness, lra_efficiency, tpu_aot
 
 
 @pytest.mark.slow  # four fresh benchmark subprocesses (each imports JAX and compiles)
@@ -67,3 +67,25 @@ def test_bad_input():
     harness.parse_lengths("1k")
   with pytest.raises(ValueError, match="--mode='fast'"):
     attention.run(["dense"], [64], mode="fast", progress=False)
+
+
+def test_tpu_aot_rows_and_report(tmp_path):
+  """The TPU ahead-of-time table: every kernel family on xla and splash (auto where it
+  has no splash), local at 16K; the report from rows (the compiles themselves need
+  libtpu: tests/training/test_sweep.py compiles splash for a topology where it is)."""
+  rows = tpu_aot.trials(["local", "bigbird"])
+  assert [(r["model"], r["family"], r["asked"]) for r in rows] == [
+      ("text_4k", "local", "xla"), ("text_4k", "local", "splash"),
+      ("text_4k", "bigbird", "xla"), ("text_4k", "bigbird", "auto"),
+      ("local_16k", "local", "xla"), ("local_16k", "local", "splash")]
+  done = [{**rows[0], "status": "ok", "attention_backend": "xla", "per_device_gib": 4.9,
+           "temp_gib": 4.0, "flops": 2e11, "bytes_accessed": 1e10, "compile_s": 60},
+          {**rows[1], "status": "ok", "attention_backend": "splash", "per_device_gib": 5.9,
+           "temp_gib": 5.0, "flops": 1e11, "bytes_accessed": 2e10, "compile_s": 50},
+          {**rows[2], "status": "does not fit", "detail": "HBM"}]
+  tpu_aot.write(done, "v5e:2x2", str(tmp_path))
+  with open(tmp_path / "results.csv", newline="") as f:
+    assert [r["status"] for r in csv.DictReader(f)] == ["ok", "ok", "does not fit"]
+  readme = (tmp_path / "README.md").read_text()
+  assert "| text_4k | local | splash | splash | ok | 5.9 | 5.0 | 100 | 20.0 | 50 |" in readme
+  assert "does not fit: HBM" in readme and (tmp_path / "memory.png").stat().st_size > 0

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from absl import flags
-from conftest import CONFIGS, stand_in_cluster
+from conftest import CONFIGS, stand_in_cluster, tiny_config
 
 from effx import sweep
 from effx.launch import manifest as manifest_lib
@@ -286,6 +286,17 @@ def test_every_trial_compiles_for_a_tpu_topology_or_says_why_not(spec):
                                   "model.mlp_dim": 65536})
   with pytest.raises(ValueError, match="does not fit on v5e:2x2 .*HBM"):
     aot.check(big, "v5e:2x2")
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason="libtpu (pip install -e '.[tpu]') not installed")
+def test_splash_attention_compiles_for_a_tpu_topology():
+  """Ahead of time for v5e:2x2 from this CPU: "auto" traces local attention to splash
+  (Mosaic kernels, in a shard_map over the data axis), bigbird to xla with the reason."""
+  for family, want in (("local", "splash"), ("bigbird", "xla (no splash: its layout")):
+    config = tiny_config("lra_listops", **{"model.attention": family, "batch_size": 8})
+    result = aot.check(config, "v5e:2x2")
+    assert result["attention_backend"].startswith(want), result
+    assert result["per_device_bytes"] > 0 and result["flops"] > 0
 
 
 def test_tpu_launch_dry_run_and_its_bad_input(spec, tmp_path, monkeypatch, capsys):
