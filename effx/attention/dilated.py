@@ -102,6 +102,7 @@ class DilatedAttention(Family):
   pattern_kind = "static"
   backends = kernel.BACKENDS
   decodable = True
+  derived_defaults = {"dilation": "1 on the first half of the heads (rounded up), 2 on the rest"}
 
   window: int = 64
   dilation: int | tuple[int, ...] | None = None
