@@ -36,6 +36,7 @@ from effx.attention.nystrom import NystromAttention, nystrom_attention
 from effx.attention.performer import PerformerAttention, performer_attention
 from effx.attention.linear import LinearAttention, linear_attention
 from effx.attention.cosformer import CosformerAttention, cosformer_attention
+from effx.attention.hierarchical import HierarchicalAttention, hierarchical_attention
 
 from effx.attention import kernel
 from effx.attention.patterns import pattern, pattern_names, plot_pattern
@@ -49,8 +50,9 @@ __all__ = [
     "SparseAttention", "LongformerAttention", "BigBirdAttention", "LSHAttention",
     "RoutingAttention", "SinkhornAttention", "LinformerAttention", "SynthesizerAttention",
     "NystromAttention", "PerformerAttention", "LinearAttention", "CosformerAttention",
+    "HierarchicalAttention",
     "dense_attention", "blockwise_attention", "local_attention", "dilated_attention",
     "sparse_attention", "longformer_attention", "bigbird_attention", "lsh_attention",
     "routing_attention", "nystrom_attention", "performer_attention", "linear_attention",
-    "cosformer_attention",
+    "cosformer_attention", "hierarchical_attention",
 ]

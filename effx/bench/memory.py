@@ -42,6 +42,7 @@ LONG_OPTIONS: dict[str, dict[str, Any]] = {
     "performer": dict(num_features=256),
     "linear": dict(),
     "cosformer": dict(),
+    "hierarchical": dict(block_size=16),
 }
 
 

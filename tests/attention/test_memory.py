@@ -54,3 +54,12 @@ def test_routing_defaults_are_sub_quadratic(causal):
 @functools.lru_cache(maxsize=None)
 def _temp_defaults(name, length, causal):
   return attention_memory(name, length, causal=causal)["temp"]
+
+
+@pytest.mark.slow  # two compiles at 16384 tokens
+@pytest.mark.parametrize("causal", [False, True])
+def test_hierarchical_stays_linear_to_16k(causal):
+  """H-Transformer-1D's O(length * block_size): at most 2.2x per doubling to 16384
+  (measured 2.00x)."""
+  growth = _temp("hierarchical", 16384, causal) / _temp("hierarchical", 8192, causal)
+  assert growth <= 2.2, f"hierarchical grows {growth:.2f}x from 8192 to 16384"
