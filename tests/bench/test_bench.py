@@ -69,23 +69,39 @@ def test_bad_input():
     attention.run(["dense"], [64], mode="fast", progress=False)
 
 
-def test_tpu_aot_rows_and_report(tmp_path):
+def test_tpu_aot_rows_report_and_resume(tmp_path, monkeypatch):
   """The TPU ahead-of-time table: every kernel family on xla and splash (auto where it
-  has no splash), local at 16K; the report from rows (the compiles themselves need
-  libtpu: tests/training/test_sweep.py compiles splash for a topology where it is)."""
+  has no splash), local at 16K in two models; the report from rows; a rerun compiles only
+  the rows it lacks (the compiles themselves need libtpu: tests/training/test_sweep.py
+  compiles splash for a topology where it is installed)."""
   rows = tpu_aot.trials(["local", "bigbird"])
   assert [(r["model"], r["family"], r["asked"]) for r in rows] == [
       ("text_4k", "local", "xla"), ("text_4k", "local", "splash"),
       ("text_4k", "bigbird", "xla"), ("text_4k", "bigbird", "auto"),
-      ("local_16k", "local", "xla"), ("local_16k", "local", "splash")]
-  done = [{**rows[0], "status": "ok", "attention_backend": "xla", "per_device_gib": 4.9,
-           "temp_gib": 4.0, "flops": 2e11, "bytes_accessed": 1e10, "compile_s": 60},
-          {**rows[1], "status": "ok", "attention_backend": "splash", "per_device_gib": 5.9,
-           "temp_gib": 5.0, "flops": 1e11, "bytes_accessed": 2e10, "compile_s": 50},
-          {**rows[2], "status": "does not fit", "detail": "HBM"}]
+      ("local_16k", "local", "xla"), ("local_16k", "local", "splash"),
+      ("text_16k_d128", "local", "xla"), ("text_16k_d128", "local", "splash")]
+  top = {"topology": "v5e:2x2"}
+  done = [{**top, **rows[0], "status": "ok", "attention_backend": "xla",
+           "per_device_gib": 4.9, "temp_gib": 4.0, "flops": 2e11, "bytes_accessed": 1e10,
+           "compile_s": 60},
+          {**top, **rows[1], "status": "ok", "attention_backend": "splash",
+           "per_device_gib": 5.9, "temp_gib": 5.0, "flops": 1e11, "bytes_accessed": 2e10,
+           "compile_s": 50},
+          {**top, **rows[2], "status": "does not fit", "detail": "HBM"}]
   tpu_aot.write(done, "v5e:2x2", str(tmp_path))
   with open(tmp_path / "results.csv", newline="") as f:
     assert [r["status"] for r in csv.DictReader(f)] == ["ok", "ok", "does not fit"]
   readme = (tmp_path / "README.md").read_text()
   assert "| text_4k | local | splash | splash | ok | 5.9 | 5.0 | 100 | 20.0 | 50 |" in readme
   assert "does not fit: HBM" in readme and (tmp_path / "memory.png").stat().st_size > 0
+  asked = []
+
+  def stand_in(module, spec, timeout_s):  # what libtpu would compile, recorded
+    asked.append((spec["model"], spec["family"], spec["asked"]))
+    return {"status": "error", "detail": "no libtpu here"}
+
+  monkeypatch.setattr(harness, "run_isolated", stand_in)
+  again = tpu_aot.run(["local"], "v5e:2x2", str(tmp_path))
+  assert asked == [("local_16k", "local", "xla"), ("local_16k", "local", "splash"),
+                   ("text_16k_d128", "local", "xla"), ("text_16k_d128", "local", "splash")]
+  assert [r["status"] for r in again] == ["ok", "ok"] + ["error"] * 4
