@@ -161,7 +161,9 @@ def run(families, lengths, *, mode="train", batch=1, heads=4, head_dim=64, dtype
   ceiling = harness.roofline()
   free = harness.available_memory_bytes()
   rows = []
-  configs = [(f, b, n) for f in families for b in backends if b in ea.backends(f)
+  runs = {(f, b) for f in families for b in backends
+          if b in ea.backends(f) and _builds(f, b, causal, max(lengths))}
+  configs = [(f, b, n) for f in families for b in backends if (f, b) in runs
              for n in lengths]
   for family, backend, length in tqdm(configs, desc="attention", unit="config",
                                       disable=not progress):
@@ -182,8 +184,18 @@ def run(families, lengths, *, mode="train", batch=1, heads=4, head_dim=64, dtype
     write_outputs(out, rows, ceiling, dict(mode=mode, batch=batch, heads=heads,
                                            head_dim=head_dim, dtype=dtype, causal=causal),
                   lacking=[(f, b) for f in families for b in backends
-                           if b not in ea.backends(f)])
+                           if (f, b) not in runs])
   return rows
+
+
+def _builds(family: str, backend: str, causal: bool, length: int) -> bool:
+  """Whether the family takes the backend with these options (causal ``local`` only on
+  cuDNN, the factorized ``synthesizer`` only on Pallas and splash)."""
+  try:
+    ea.make(family, causal=causal, implementation=backend, **family_options(family, length))
+  except ValueError:
+    return False
+  return True
 
 
 def crossovers(rows, baseline: str) -> dict[str, int | None]:
