@@ -366,6 +366,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
   if asked == "splash" or (asked == "auto" and target == "tpu"):
     plan = splash.plan(layout, q_pos, k_pos, heads=h, causal=bool(causal), rule=rule,
                        bias=bias)
+    if asked == "auto" and isinstance(plan, splash.Plan) and (
+        plan.padding() > splash.AUTO_PADDING):
+      # Short sequences (sparse's residues, global rows) would mostly be padding.
+      plan = (f"its sequences of {min(plan.q_len, plan.k_len)} tokens would run padded "
+              f"to {splash.TILE}")
   chosen = resolve(asked, layout, target, splash=plan)
   note(f"xla (no splash: {plan})" if isinstance(plan, str) and asked == "auto" else chosen)
   if chosen == "splash":

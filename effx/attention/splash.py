@@ -41,6 +41,7 @@ from effx.attention.core import NEG, Band
 from effx.common import axes
 
 TILE = 128  # splash's lane width: lengths are padded to it, blocks are multiples of it
+AUTO_PADDING = 1.5  # "auto" leaves calls padded more than this to the XLA kernel
 _EMPTY = sk.DEFAULT_MASK_VALUE / 2  # a row whose splash lse is below this allowed nothing
 
 
@@ -54,6 +55,11 @@ class Plan:
   k_len: int
   masks: tuple
   arrays: dict = dataclasses.field(compare=False, hash=False, repr=False)
+
+  def padding(self) -> float:
+    """How many times longer the sequences splash runs are than the call's (each is
+    padded to ``TILE``): residue sequences of 32 tokens run as 128."""
+    return max(-(-n // TILE) * TILE / n for n in (self.q_len, self.k_len))
 
 
 def _static(x):
