@@ -125,7 +125,7 @@ def write(rows, topology: str, out: str) -> None:
   ok = [r for r in rows if r["status"] == "ok"]
   fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(ok), 4) + 1))
   labels = [f"{r['model']} {r['family']} ({r['attention_backend'].split(' ')[0]})" for r in ok]
-  ax.barh(labels, [r["per_device_gib"] for r in ok], color=[
+  ax.barh(labels, [float(r["per_device_gib"]) for r in ok], color=[  # CSV rows: text
       "tab:orange" if "splash" in r["attention_backend"] else "tab:blue" for r in ok])
   ax.invert_yaxis()
   ax.set_xlabel(f"compiled per-device memory (GiB), {topology}")
