@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effx.attention import flash, splash, tiles
+from effx.attention import flash, tiles
 from effx.attention.core import NEG, pad_axis
 
 f32 = jnp.float32
@@ -364,6 +364,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
   target = target_platform()
   plan = None
   if asked == "splash" or (asked == "auto" and target == "tpu"):
+    # Imported here: jax's TPU Pallas modules add ~0.2 s to every process start.
+    from effx.attention import splash  # noqa: PLC0415
     plan = splash.plan(layout, q_pos, k_pos, heads=h, causal=bool(causal), rule=rule,
                        bias=bias)
     if asked == "auto" and isinstance(plan, splash.Plan) and (
