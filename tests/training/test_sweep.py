@@ -294,7 +294,7 @@ def test_splash_attention_compiles_for_a_tpu_topology():
   (Mosaic kernels, in a shard_map over the data axis), bigbird to xla with the reason."""
   for family, want in (("local", "splash"), ("bigbird", "xla (no splash: its layout")):
     config = tiny_config("lra_listops", **{"model.attention": family, "batch_size": 8,
-                                            "data.max_len": 255})  # + [CLS]: 256 tokens
+                                            "data.max_length": 255})  # + [CLS]: 256
     result = aot.check(config, "v5e:2x2")
     assert result["attention_backend"].startswith(want), result
     assert result["per_device_bytes"] > 0 and result["flops"] > 0
