@@ -195,14 +195,7 @@ class Layout:
   def band(cls, length: int, block: int, before: int, after: int) -> Layout:
     """Blocks that hold a key ``j`` with ``i - before <= j <= i + after`` for some query
     ``i`` of the block (queries and keys at the same positions, one block size)."""
-    n = -(-length // block)
-    first = np.arange(n) * block
-    last = np.minimum(first + block, length) - 1
-    lo = np.maximum(first - before, 0) // block
-    hi = np.minimum(last + after, length - 1) // block
-    ids = np.arange(n)
-    return cls.from_blocks((ids[None, :] >= lo[:, None]) & (ids[None, :] <= hi[:, None]),
-                           block, block)
+    return cls.from_blocks(tiles.band_blocks(length, block, before, after), block, block)
 
   def blocks(self) -> np.ndarray:
     """Static layouts: the boolean ``[num_q, num_k]`` matrix of visited block pairs."""

@@ -37,6 +37,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from effx.attention import tiles
 from effx.attention.core import NEG, Band
 from effx.common import axes
 
@@ -69,20 +70,6 @@ def _static(x):
   return np.asarray(x)
 
 
-def _blocks_needed(length, block, causal, window=None):
-  """``[n, n]``: the block pairs holding a pair that full (``window`` None) or banded
-  attention allows, queries and keys at ``0 .. length - 1`` in blocks of ``block``."""
-  n = -(-length // block)
-  first = np.arange(n) * block
-  last = np.minimum(first + block, length) - 1
-  before = length if window is None else window
-  after = 0 if causal else before
-  lo = np.maximum(first - before, 0) // block
-  hi = np.minimum(last + after, length - 1) // block
-  ids = np.arange(n)
-  return (ids[None, :] >= lo[:, None]) & (ids[None, :] <= hi[:, None])
-
-
 def _lazy(layout, qp, kp, causal, rule):
   """A lazy mask description when the call is plain full / causal / banded attention."""
   lq, lk = qp.size, kp.size
@@ -91,10 +78,10 @@ def _lazy(layout, qp, kp, causal, rule):
     return None
   blocks = layout.blocks()
   if rule is None:
-    need = _blocks_needed(lq, layout.block_q, causal)
+    need = tiles.band_blocks(lq, layout.block_q, lq, 0 if causal else lq)
     return (("causal",) if causal else ("full",)) if not (need & ~blocks).any() else None
   if isinstance(rule, Band):
-    need = _blocks_needed(lq, layout.block_q, causal, rule.window)
+    need = tiles.band_blocks(lq, layout.block_q, rule.window, 0 if causal else rule.window)
     if not (need & ~blocks).any():
       return ("local", rule.window, 0 if causal else rule.window)
   return None

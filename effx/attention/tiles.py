@@ -9,6 +9,21 @@ single tile use the same code.
 
 from __future__ import annotations
 
+import numpy as np
+
+
+def band_blocks(length: int, block: int, before: int, after: int) -> np.ndarray:
+  """Bool ``[n, n]`` (``n = ceil(length / block)``): the block pairs holding a key ``j``
+  with ``i - before <= j <= i + after`` for some query ``i`` of the block (queries and
+  keys at the same positions ``0 .. length - 1``)."""
+  n = -(-length // block)
+  first = np.arange(n) * block
+  last = np.minimum(first + block, length) - 1
+  lo = np.maximum(first - before, 0) // block
+  hi = np.minimum(last + after, length - 1) // block
+  ids = np.arange(n)
+  return (ids[None, :] >= lo[:, None]) & (ids[None, :] <= hi[:, None])
+
 
 def allowed(static, qmeta, kmeta):
   """Bool ``[..., bq, bk]``: key valid, ``k_pos <= q_pos`` when ``static.causal``,

@@ -175,14 +175,9 @@ def main() -> None:
   if FLAGS.worker:
     print(json.dumps(worker(json.loads(FLAGS.worker))))
     return
-  import effx.attention as ea  # noqa: PLC0415
+  from effx.bench.attention import check_families  # noqa: PLC0415 (jax: not for --help)
 
-  families = [f for f in FLAGS.families.split(",") if f]
-  unknown = [f for f in families if f not in ea.names()]
-  if unknown or not families:
-    raise ValueError(f"--families: unknown family {', '.join(map(repr, unknown))}; "
-                     f"registered: {', '.join(ea.names())}")
-  rows = run(families, FLAGS.topology, FLAGS.out)
+  rows = run(check_families(FLAGS.families), FLAGS.topology, FLAGS.out)
   for r in rows:
     print(f"{r['model']:10s} {r['family']:12s} {r['asked']:7s} {r['status']:14s} "
           f"{r.get('per_device_gib', '')}")
