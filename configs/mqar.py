@@ -6,8 +6,9 @@ CPU core in about a minute: sequences of 64 tokens over a 64-id vocabulary (31 k
 31 values), batch 32. Accuracy is over the queried positions only (chance: 1 / 31
 values; answering with any value of the context not yet asked, i.e. no recall at all:
 (1 + 1/2 + ... + 1/pairs) / pairs, 75% at 2 pairs, 52% at 4, 34% at 8).
-``--sweep=families_pairs`` runs ten causal families at 2, 4, 8 and 16 pairs (about an
-hour on one core); results in ``experiments/results/cpu/mqar/``.
+``--sweep=families_pairs`` runs twelve causal families at 2, 4, 8 and 16 pairs (about an
+hour and a quarter on one core); results in ``experiments/results/cpu/mqar/`` (and, for
+hierarchical and adaptive_span, ``experiments/results/cpu/new_families/``).
 
   python -m effx.train --config=configs/mqar.py --workdir=/tmp/mqar
   python -m effx.train --config=configs/mqar.py --workdir=/tmp/mqar_linear \\
@@ -22,10 +23,10 @@ from effx.training import defaults
 # 2 * num_pairs tokens after the 2 * num_pairs of the context: pairs <= LENGTH / 4).
 LENGTH = 64
 PAIRS = (2, 4, 8, 16)
-# The causal families the sweep runs (40 trials in about an hour on one CPU core;
+# The causal families the sweep runs (48 trials in about 75 minutes on one CPU core;
 # routing, sinkhorn and synthesizer, also causal, are left out to fit that).
 FAMILIES = ("dense", "blockwise", "local", "longformer", "sparse", "dilated", "lsh",
-            "linear", "performer", "cosformer")
+            "linear", "performer", "cosformer", "hierarchical", "adaptive_span")
 # Options of the families whose defaults would make them dense at LENGTH = 64: each
 # reaches 16 positions back
 # instead (sparse: stride 8, about sqrt(LENGTH)). Every other family runs at its
@@ -38,6 +39,7 @@ FAMILY_OPTIONS = {
     "sparse": {"stride": 8},                # default 128: the band alone is dense; ~sqrt(64)
     "lsh": {"bucket_size": 16},             # default 64: one chunk, every token sees all
     "cosformer": {"max_len": LENGTH},       # default: each example's extent (not causal)
+    "adaptive_span": {"max_span": LENGTH},  # learns how far back to look, up to all of it
 }
 
 

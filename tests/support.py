@@ -31,6 +31,7 @@ SMALL = {
     "performer": dict(num_features=64),
     "linear": dict(chunk_size=8),
     "cosformer": dict(chunk_size=8),
+    "adaptive_span": dict(max_span=12, ramp=4, init_span=0.5),
 }
 HEADS = 3
 

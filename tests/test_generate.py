@@ -60,6 +60,7 @@ DECODABLE = [
     ("performer", {"num_features": 16}), ("cosformer", {"max_len": 64}),
     ("sparse", {"stride": 4}), ("sparse", {"stride": 4, "pattern": "fixed", "summary": 2}),
     ("longformer", {"window": 3, "global_tokens": (0, 5)}),
+    ("adaptive_span", {"max_span": 8, "ramp": 4, "init_span": 0.3}),
 ]
 
 

@@ -37,6 +37,7 @@ from effx.attention.performer import PerformerAttention, performer_attention
 from effx.attention.linear import LinearAttention, linear_attention
 from effx.attention.cosformer import CosformerAttention, cosformer_attention
 from effx.attention.hierarchical import HierarchicalAttention, hierarchical_attention
+from effx.attention.adaptive_span import AdaptiveSpanAttention, adaptive_span_attention
 
 from effx.attention import kernel
 from effx.attention.patterns import pattern, pattern_names, plot_pattern
@@ -50,9 +51,9 @@ __all__ = [
     "SparseAttention", "LongformerAttention", "BigBirdAttention", "LSHAttention",
     "RoutingAttention", "SinkhornAttention", "LinformerAttention", "SynthesizerAttention",
     "NystromAttention", "PerformerAttention", "LinearAttention", "CosformerAttention",
-    "HierarchicalAttention",
+    "HierarchicalAttention", "AdaptiveSpanAttention",
     "dense_attention", "blockwise_attention", "local_attention", "dilated_attention",
     "sparse_attention", "longformer_attention", "bigbird_attention", "lsh_attention",
     "routing_attention", "nystrom_attention", "performer_attention", "linear_attention",
-    "cosformer_attention", "hierarchical_attention",
+    "cosformer_attention", "hierarchical_attention", "adaptive_span_attention",
 ]

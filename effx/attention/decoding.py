@@ -10,7 +10,8 @@ new state)``. Its output equals the family's causal forward at that position. Tw
 * **Key caches** (softmax families): the keys and values a query may see, with their
   positions. ``dense`` and ``blockwise`` keep every earlier token (``capacity`` slots:
   memory and time per token grow with the context); ``local`` and ``dilated`` keep a ring
-  buffer of the last ``window * dilation + 1`` tokens (constant per token); ``sparse``
+  buffer of the last ``window * dilation + 1`` tokens (constant per token), and
+  ``adaptive_span`` one of ``max_span + 1`` (weighted by each head's ramp); ``sparse``
   and ``longformer`` keep every earlier token and apply their pattern to the row (exact,
   but as costly per token as dense: their strided / global keys reach back to the start).
 * **Running sums** (kernel families: ``linear``, ``performer``, ``cosformer``): the
@@ -44,9 +45,12 @@ def cache_init(batch: int, slots: int, heads: int, head_dim: int, head_dim_v: in
 
 def cache_step(q: jax.Array, k: jax.Array, v: jax.Array, state: dict[str, jax.Array],
                position: jax.Array, valid: jax.Array,
-               allow: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, dict]:
+               allow: Callable[[jax.Array], jax.Array],
+               weight: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+               ) -> tuple[jax.Array, dict]:
   """Writes the token into slot ``position % slots``, then softmax attention of ``q``
-  over the cached keys that ``allow(distance)`` admits.
+  over the cached keys that ``allow`` admits (the weights multiplied by ``weight`` and
+  renormalised, when given).
 
   Args:
     q, k: ``[batch, heads, head_dim]``; v: ``[batch, heads, head_dim_v]``.
@@ -55,6 +59,8 @@ def cache_step(q: jax.Array, k: jax.Array, v: jax.Array, state: dict[str, jax.Ar
     allow: ``(query_position [batch, 1], key_position [batch, slots]) -> bool
       [batch, heads or 1, slots]``: the family's pattern along one row (called only
       where ``key_position <= query_position``).
+    weight: optional, the same arguments -> float ``[batch, heads or 1, slots]``
+      multiplying each allowed key's softmax weight (adaptive span's ramp).
 
   Returns:
     ``(out [batch, heads, head_dim_v] in q's dtype (zeros where not valid), state)``.
@@ -71,6 +77,10 @@ def cache_step(q: jax.Array, k: jax.Array, v: jax.Array, state: dict[str, jax.Ar
   logits = jnp.einsum("bhd,bhsd->bhs", q, keys,
                       preferred_element_type=f32) * q.shape[-1] ** -0.5
   weights = jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1)
+  if weight is not None:
+    weights = weights * jnp.where(allowed, weight(position[:, None], stored), 0.0)
+    total = jnp.sum(weights, -1, keepdims=True)
+    weights = weights / jnp.where(total > 0, total, 1.0)
   out = jnp.einsum("bhs,bhsd->bhd", weights, values, preferred_element_type=f32)
   out = jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
   return out, {"k": keys, "v": values, "position": stored}

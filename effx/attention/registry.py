@@ -82,6 +82,17 @@ def backends(name: str) -> tuple[str, ...]:
   return tuple(getattr(get(name), "backends", ("xla",)))
 
 
+def parameter_bounds() -> dict[str, tuple[float, float]]:
+  """``{parameter name: (low, high)}`` over every family: the optimizer keeps parameters
+  of these names within their bounds after each update (``Family.bounds``)."""
+  out: dict[str, tuple[float, float]] = {}
+  for cls in _FAMILIES.values():
+    for param, bound in getattr(cls, "bounds", {}).items():
+      if out.setdefault(param, bound) != bound:
+        raise ValueError(f"parameter {param!r} has two bounds: {out[param]} and {bound}")
+  return out
+
+
 def supports_causal(name: str) -> bool:
   """Whether family ``name`` can run with ``causal=True``."""
   return getattr(get(name), "supports_causal", True)

@@ -80,6 +80,11 @@ def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
       "performer": 2 * o.get("num_features", 256),
       "linear": d,
       "cosformer": 2 * d,
+      # 3 blocks of Nr at level 0; at each coarser level 2^-l as many coarse queries
+      # see 2 Nr coarse keys: about 4 Nr more per query over all levels
+      "hierarchical": 7 * o.get("block_size", 16),
+      # the widest band (the run-time one follows the learned spans: at most this)
+      "adaptive_span": min(n, 2 * o.get("max_span", 1024) + 1),
   }.get(name, n)
   total = 4.0 * bh * n * per_query_keys * d
   if name == "synthesizer":

@@ -94,3 +94,7 @@ class BlockConfig:
   @property
   def has_mutable_state(self) -> bool:
     return registry.get(self.attention).mutable_state
+
+  @property
+  def has_auxiliary_loss(self) -> bool:
+    return registry.get(self.attention).auxiliary_loss

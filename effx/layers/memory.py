@@ -176,7 +176,7 @@ class MemoryStack(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(MemoryBlock, policy=remat.policy(cfg.remat), prevent_cse=False)
     scanned = nn.scan(
-        block, variable_axes={"params": 0, "state": 0},
+        block, variable_axes={"params": 0, "state": 0, "losses": 0, "metrics": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0,) + (nn.broadcast,) * 6, length=self.num_layers,
         metadata_params={nn.PARTITION_NAME: axes.LAYERS})

@@ -38,6 +38,10 @@ def check_reversible(config: BlockConfig) -> None:
   if config.has_mutable_state:
     raise ValueError(f"model.attention={config.attention!r} keeps mutable state that the "
                      "reversible backward pass would update twice; use model.reversible=False")
+  if config.has_auxiliary_loss:
+    raise ValueError(f"model.attention={config.attention!r} adds a loss term of its own, "
+                     "which the reversible stack's hand-written backward pass does not "
+                     "carry; use model.reversible=False")
   if config.norm != "pre":
     raise ValueError("model.reversible=True needs pre-norm sub-blocks (model.norm='pre'): "
                      "a LayerNorm after the residual sum cannot be inverted")

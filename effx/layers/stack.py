@@ -69,7 +69,8 @@ class Stack(nn.Module):
           x, mask, deterministic, positions)
     else:
       scanned = nn.scan(
-          _ScannedBlock, variable_axes={"params": 0, "state": 0, "intermediates": 0},
+          _ScannedBlock, variable_axes={c: 0 for c in ("params", "state", "intermediates",
+                                                       "losses", "metrics")},
           split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, nn.broadcast),
           length=self.num_layers, metadata_params={nn.PARTITION_NAME: axes.LAYERS})
       x, (hidden, attention) = scanned(cfg, deterministic, name="layers")(x, mask, positions)

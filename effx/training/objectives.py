@@ -42,10 +42,16 @@ def forward(model: nn.Module, params, model_state, batch, *, train: bool, rng=No
   """``(logits, aux, new_model_state)`` of ``model`` on ``batch``; mutable collections
   (routing centroids) are updated only in training. ``capture=True`` adds
   ``aux["intermediates"]``: what the layers ``sow`` (each SelfAttention's projected
-  heads ``qkv``, stacked over layers)."""
+  heads ``qkv``, stacked over layers).
+
+  In training, what the layers sow into ``losses`` is summed into
+  ``aux["auxiliary_loss"]`` (a scalar every objective adds to its loss: adaptive span's
+  penalty) and what they sow into ``metrics`` is flattened into
+  ``aux["reported"]`` (scalars ``name/<layer>/<index>``, e.g. ``span/0/3``)."""
   variables = {"params": params, **model_state}
   rngs = {"dropout": rng} if train else {}
-  mutable = (list(model_state) if train else []) + (["intermediates"] if capture else [])
+  mutable = ((list(model_state) + ["losses", "metrics"] if train else [])
+             + (["intermediates"] if capture else []))
   if not mutable:
     logits, aux = model.apply(variables, *model_inputs(batch), train=train, rngs=rngs,
                               **kwargs)
@@ -54,9 +60,41 @@ def forward(model: nn.Module, params, model_state, batch, *, train: bool, rng=No
                                        rngs=rngs, mutable=mutable, **kwargs)
   updated = dict(updated)
   intermediates = updated.pop("intermediates", {})
+  losses, reported = updated.pop("losses", {}), updated.pop("metrics", {})
   if capture:
     aux = {**aux, "intermediates": intermediates}
+  if train:
+    aux = {**aux, "auxiliary_loss": sum((jnp.sum(x.astype(jnp.float32))
+                                         for x in jax.tree.leaves(losses)), jnp.zeros(())),
+           "reported": _flatten_reported(reported)}
   return logits, aux, (updated if train and model_state else model_state)
+
+
+def _flatten_reported(tree) -> dict[str, jax.Array]:
+  """Sown values to scalar metrics: the leaves sown under one name (one per layer, or
+  stacked over layers by the scan) become rows, their elements columns:
+  ``name/<row>/<column>``."""
+  rows: dict[str, list[jax.Array]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = next(str(k.key) for k in reversed(path) if hasattr(k, "key"))
+    leaf = jnp.asarray(leaf, jnp.float32)
+    rows.setdefault(name, []).append(leaf.reshape(-1, leaf.shape[-1]) if leaf.ndim
+                                     else leaf.reshape(1, 1))
+  out = {}
+  for name, parts in rows.items():
+    table = jnp.concatenate(parts)
+    for r in range(table.shape[0]):
+      for c in range(table.shape[1]):
+        out[f"{name}/{r}/{c}"] = table[r, c]
+  return out
+
+
+def with_auxiliary(loss: jax.Array, values: dict[str, jax.Array], aux: dict
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """An objective's training ``loss`` and ``values`` plus what the model reported in
+  ``aux`` (its auxiliary loss, added; its metrics, merged): the same for every
+  objective."""
+  return loss + aux["auxiliary_loss"], {**values, **aux["reported"]}
 
 
 class Classification:
@@ -74,12 +112,13 @@ class Classification:
     """``(loss, (metrics, new_model_state))`` of a training micro-batch; ``extra`` is
     what the objective needs besides the student (unused here)."""
     del extra
-    logits, _, new_state = forward(self.model, params, model_state, batch, train=True,
-                                   rng=rng)
+    logits, aux, new_state = forward(self.model, params, model_state, batch, train=True,
+                                     rng=rng)
     logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["targets"])
-    return loss, ({"accuracy": accuracy}, new_state)
+    loss, values = with_auxiliary(loss, {"accuracy": accuracy}, aux)
+    return loss, (values, new_state)
 
   def eval_carry(self, batch_size: int):
     del batch_size
@@ -164,9 +203,11 @@ class LanguageModel:
     sums = token_sums(logits, batch["targets"])
     count = jnp.maximum(sums["count"], 1.0)
     ce = sums["loss"] / count
-    loss = ce + aux.get("compression_loss", 0.0)
+    loss, values = with_auxiliary(ce + aux.get("compression_loss", 0.0),
+                                  {"bpb": ce / math.log(2), "accuracy": sums["correct"] / count},
+                                  aux)
     new_state = inner if memory is None else {**inner, "memory": memory}
-    return loss, ({"bpb": ce / math.log(2), "accuracy": sums["correct"] / count}, new_state)
+    return loss, (values, new_state)
 
   def eval_carry(self, batch_size: int):
     return None if self.initial_memory is None else self.initial_memory(batch_size)
@@ -210,7 +251,7 @@ class Distillation(Classification):
                                      rng=rng, capture=capture)
     t_logits, t_aux, _ = forward(self.teacher_model, extra["params"], extra["model_state"],
                                  batch, train=False, capture=capture)
-    total, values = self.losses(logits, aux, t_logits, t_aux, batch)
+    total, values = with_auxiliary(*self.losses(logits, aux, t_logits, t_aux, batch), aux)
     return total, (values, new_state)
 
   def eval_sums(self, params, model_state, batch, carry=None, extra=None):

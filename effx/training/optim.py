@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effx.attention import registry
+
 SCHEDULES = ("rsqrt", "cosine", "constant")
 
 
@@ -46,4 +48,25 @@ def optimizer(config) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                            weight_decay=config.weight_decay, mask=_decay_mask))
+  parts.append(keep_in_bounds(registry.parameter_bounds()))
   return optax.chain(*parts)
+
+
+def keep_in_bounds(bounds: dict[str, tuple[float, float]]) -> optax.GradientTransformation:
+  """The last step of the chain: updates that leave each parameter named in ``bounds``
+  (``{name: (low, high)}``, e.g. adaptive span's ``span_fraction``) clamped to its
+  range after the update (a projection, as the paper clamps its spans); others pass
+  unchanged."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("keep_in_bounds needs the parameters")
+
+    def project(path, u, p):
+      key = path[-1]
+      bound = bounds.get(getattr(key, "key", getattr(key, "name", None)))
+      return u if bound is None else jnp.clip(p + u, *bound) - p
+
+    return jax.tree_util.tree_map_with_path(project, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -26,7 +26,7 @@ def _param_shapes(layer):
 
 
 DENSE_PARAMS = _param_shapes(_layer("dense"))
-WITH_PARAMS = {"sinkhorn", "linformer", "synthesizer"}
+WITH_PARAMS = {"sinkhorn", "linformer", "synthesizer", "adaptive_span"}
 
 
 @pytest.mark.parametrize("name", ea.names())

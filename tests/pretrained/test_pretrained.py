@@ -95,7 +95,7 @@ def test_minilm_against_sentence_transformers(minilm):
   assert minilm.tokenizer.ids(texts) == [reference.tokenizer(t)["input_ids"] for t in texts]
 
 
-OWN_PARAMETERS = ("sinkhorn", "linformer", "synthesizer")  # at their default options
+OWN_PARAMETERS = ("sinkhorn", "linformer", "synthesizer", "adaptive_span")  # at their defaults
 
 
 @pytest.mark.slow  # a training run from a BERT checkpoint
