@@ -1,6 +1,6 @@
 """Numerics shared by the sparse families: position rules for the block-sparse kernel
-(``kernel.attend``), a masked softmax over small key groups (``grouped_attention``, for
-the families not on the kernel: routing, sinkhorn), and the merge of partial softmaxes by
+(``kernel.attend``), a masked softmax of given logits (``attention_from_logits``, for the
+learned-mixing families: linformer, synthesizer), and the merge of partial softmaxes by
 their log-sum-exp.
 
 When a query's allowed keys are split over several parts (a band plus strided keys,
@@ -85,36 +85,13 @@ class AllOf:
     return out
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *,
-                      scale: float, bias: jax.Array | None = None
-                      ) -> tuple[jax.Array, jax.Array]:
-  """Softmax attention within groups, with an explicit allow-mask.
-
-  Args:
-    q: ``[..., a, heads, d]`` queries of each group.
-    k: ``[..., c, heads, d]`` the keys each group may see.
-    v: ``[..., c, heads, dv]``.
-    allowed: boolean, broadcastable to ``[..., heads, a, c]``.
-    scale: logit scale.
-    bias: optional float logit bias broadcastable like ``allowed``.
-
-  Returns:
-    ``out [..., a, heads, dv]`` float32 (zeros where a query has no allowed key) and
-    ``lse [..., a, heads]`` float32, the log-sum-exp of the allowed logits (``NEG`` for a
-    query with no allowed key).
-  """
-  logits = jnp.einsum("...qhd,...khd->...hqk", q, k,
-                      preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    logits = logits + bias
-  return attention_from_logits(logits, v, allowed)
-
-
 def attention_from_logits(logits: jax.Array, v: jax.Array, allowed: jax.Array
                           ) -> tuple[jax.Array, jax.Array]:
   """Masked softmax of ``logits [..., heads, a, c]`` applied to ``v [..., c, heads, dv]``.
 
-  Returns ``(out [..., a, heads, dv], lse [..., a, heads])`` as ``grouped_attention``.
+  Returns ``out [..., a, heads, dv]`` float32 (zeros where a query has no allowed key)
+  and ``lse [..., a, heads]`` float32, the log-sum-exp of the allowed logits (``NEG`` for a
+  query with no allowed key).
   """
   logits = jnp.where(allowed, logits.astype(jnp.float32), NEG)
   # The result does not depend on the shift, so its gradient is exactly zero.
@@ -131,7 +108,7 @@ def merge(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.
   """Combines partial softmax attentions over disjoint key sets.
 
   Each part is ``(out [..., heads, dv], lse [..., heads])`` as returned by
-  ``grouped_attention`` or ``kernel.attend``. The result is the softmax attention over the
+  ``kernel.attend`` or ``attention_from_logits``. The result is the softmax attention over the
   union of the parts' keys, with its own log-sum-exp.
   """
   outs = jnp.stack([o for o, _ in parts])

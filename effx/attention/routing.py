@@ -7,11 +7,12 @@ For balanced clusters each centroid takes its ``window`` nearest queries and its
 cluster's keys. The attention costs O(num_clusters * window^2) per head: with the
 defaults, a fixed window of 128 and ``ceil(length / window)`` clusters (fixed when the
 module is initialised, from the length it is initialised with), that is linear in the
-length and every token can be routed. Counting the clusters a query and a key share
-(for the exact softmax over the union) uses a ``[clusters, window, clusters]``
-membership table per head, O(length^2 / window): forward + backward memory of the
-default module grows 2.0x per doubling from 4K to 8K and 2.2x to 16K, but approaches 4x
-beyond 32K. The paper's choice of about sqrt(length) clusters of
+length and every token can be routed. Each cluster's gathered queries attend to its
+gathered keys through the block-sparse kernel (a block-diagonal layout of
+``window``-token blocks, positions per head). Counting the clusters a query and a key
+share (for the exact softmax over the union) reads a bitset of each token's clusters
+(``ceil(clusters / 32)`` int32 words, O(length^2 / (32 window)) per head) in the kernel's
+logit bias. The paper's choice of about sqrt(length) clusters of
 sqrt(length) tokens (O(length^1.5)) is ``num_clusters=w, window=w`` with ``w ~ sqrt(n)``.
 Padded tokens rank after every real one in each top-k, so trailing padding changes no
 real output. A query picked by several clusters gets the exact softmax over the union
@@ -30,12 +31,16 @@ an earlier query sees; a later token's value never reaches an earlier output.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from effx.attention import kernel
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention.core import NEG, grouped_attention, merge
+from effx.attention.core import NEG, NotSelf, merge
 from effx.attention.registry import register
 
 
@@ -69,10 +74,42 @@ def _membership(idx, length):
   return jnp.swapaxes(one, 2, 3)
 
 
+def _cluster_bits(idx, length):
+  """``[b, h, length, ceil(clusters / 32)]`` int32: bit ``c % 32`` of word ``c // 32``
+  set where the token is in cluster ``c`` (a bitset: 32x smaller than ``_membership``)."""
+  b, h, c, w = idx.shape
+  words = -(-c // 32)
+  bits = jnp.zeros((b, h, length, words), jnp.int32)
+  bi, hi, ci = jnp.meshgrid(jnp.arange(b), jnp.arange(h), jnp.arange(c), indexing="ij")
+  word = jnp.broadcast_to((ci // 32)[..., None], idx.shape)
+  # A token is picked at most once per cluster: adding distinct bits sets them (the
+  # wrap-around of bit 31 included).
+  bit = jnp.left_shift(jnp.int32(1), (ci % 32).astype(jnp.int32))[..., None]
+  return bits.at[bi[..., None], hi[..., None], idx, word].add(
+      jnp.broadcast_to(bit, idx.shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedClusters:
+  """Logit bias ``-log N_ij``: ``N_ij`` the number of clusters that picked query ``i`` as a
+  query and key ``j`` as a key, from the tokens' cluster bitsets (``_cluster_bits``), so
+  that the merged softmax counts each key once."""
+
+  def __call__(self, q_bits, k_bits):
+    count = jnp.sum(jax.lax.population_count(q_bits & k_bits), axis=-1)
+    return -jnp.log(jnp.maximum(count, 1).astype(jnp.float32))
+
+
 def routing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, centroids: jax.Array,
                       mask: jax.Array | None = None, causal: bool = False,
                       window: int = DEFAULT_WINDOW) -> jax.Array:
   """Routing attention for given centroids.
+
+  Each cluster's queries and keys are gathered into one block of ``window`` queries and
+  one of ``window`` keys; the block-sparse kernel (``kernel.attend``) attends each
+  query block to its own key block (a block-diagonal layout) with positions per head,
+  causality, ``i != j`` (the self term is added after), and the shared-cluster count as
+  its logit bias.
 
   Args:
     q, k: ``[batch, length, heads, head_dim]``; v: ``[batch, length, heads, head_dim_v]``.
@@ -87,29 +124,30 @@ def routing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, centroids: ja
   mask = check_qkv("routing", q, k, v, mask)
   b, length, h, d = q.shape
   dv = v.shape[-1]
+  c = centroids.shape[1]
   w = min(length, window)
   valid = jnp.ones((b, length), bool) if mask is None else mask
   qi = _route(q, valid, centroids, w)                        # [b, h, c, w]
   ki = _route(k, valid, centroids, w)
 
-  def gather(x, idx):  # [b, l, h, e] -> [b, h, c, w, e]
-    x = jnp.swapaxes(x, 1, 2)[:, :, None]
-    return jnp.take_along_axis(x, idx[..., None], axis=3)
+  def gather(x, idx):  # [b, l, h, e] -> [b, c * w, h, e], each head its own tokens
+    x = jnp.take_along_axis(jnp.swapaxes(x, 1, 2), idx.reshape(b, h, -1, 1), axis=2)
+    return jnp.swapaxes(x, 1, 2)
 
-  kvalid = jnp.take_along_axis(valid[:, None, None, :], ki, axis=3)
-  allowed = kvalid[..., None, :] & (qi[..., :, None] != ki[..., None, :])
-  if causal:
-    allowed = allowed & (ki[..., None, :] <= qi[..., :, None])
-  # In how many clusters does query i meet key j?
-  mq = jnp.take_along_axis(_membership(qi, length)[:, :, None], qi[..., None], axis=3)
-  mk = jnp.take_along_axis(_membership(ki, length)[:, :, None], ki[..., None], axis=3)
-  count = jnp.einsum("bhcqx,bhckx->bhcqk", mq, mk)
-  bias = -jnp.log(jnp.maximum(count, 1.0))
-  out, lse = grouped_attention(gather(q, qi)[..., None, :], gather(k, ki)[..., None, :],
-                               gather(v, ki)[..., None, :], allowed[..., None, :, :],
-                               bias=bias[..., None, :, :], scale=d ** -0.5)
-  out = out[..., 0, :].reshape(b, h, -1, dv)                 # [b, h, c*w, dv]
-  lse = lse[..., 0].reshape(b, h, -1)
+  def per_head(x, idx):  # [b, h, length, ...] -> [b, h, c * w, ...]
+    flat = idx.reshape(b, h, -1)
+    return jnp.take_along_axis(x, flat.reshape(flat.shape + (1,) * (x.ndim - 3)), axis=2)
+
+  q_bits, k_bits = _cluster_bits(qi, length), _cluster_bits(ki, length)
+  layout = kernel.Layout.from_blocks(np.eye(c, dtype=bool), w, w)
+  out, lse = kernel.attend(
+      gather(q, qi), gather(k, ki), gather(v, ki), layout, q_pos=qi.reshape(b, h, -1),
+      k_pos=ki.reshape(b, h, -1),
+      k_valid=per_head(jnp.broadcast_to(valid[:, None], (b, h, length)), ki),
+      causal=causal, rule=NotSelf(), bias=SharedClusters(), q_info=per_head(q_bits, qi),
+      k_info=per_head(k_bits, ki), scale=d ** -0.5)
+  out = jnp.swapaxes(out, 1, 2)                              # [b, h, c*w, dv]
+  lse = jnp.swapaxes(lse, 1, 2)
   # Scatter-merge the clusters' partial softmaxes onto the query positions.
   seg = (jnp.arange(b * h).reshape(b, h, 1) * length + qi.reshape(b, h, -1)).reshape(-1)
   n = b * h * length
@@ -182,6 +220,7 @@ class RoutingAttention(Family):
   pattern_kind = "content"
   derived_defaults = {"num_clusters": "ceil(length / window), at initialisation"}
   mutable_state = True
+  backends = kernel.DYNAMIC_BACKENDS  # splash: its tokens are routed per example
 
   num_clusters: int | None = None
   window: int = DEFAULT_WINDOW
@@ -201,8 +240,9 @@ class RoutingAttention(Family):
   def __call__(self, q, k, v, *, mask=None, deterministic=True):
     mask = check_qkv("routing", q, k, v, mask)
     centroids = self._centroids(q.shape)
-    out = routing_attention(q, k, v, centroids=centroids.value, mask=mask, causal=self.causal,
-                            window=self.window)
+    with kernel.backend(self.implementation):
+      out = routing_attention(q, k, v, centroids=centroids.value, mask=mask,
+                              causal=self.causal, window=self.window)
     if not deterministic and self.is_mutable_collection("state") and not self.is_initializing():
       centroids.value = update_centroids(centroids.value, q, k, mask, self.ema_decay)
     return out

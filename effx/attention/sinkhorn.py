@@ -8,7 +8,9 @@ space, at temperature ``temperature`` (with Gumbel noise in training when
 ``gumbel_noise``), turn ``exp(R)`` into a (nearly) doubly stochastic soft permutation
 ``P``. Block ``i``'s "sorted" keys and values are ``sum_j P_ij K_j`` and
 ``sum_j P_ij V_j``; each query block attends to its own block and its sorted block in one
-softmax. Cost O(length * block_size + (length / block_size)^2).
+softmax, through the block-sparse kernel (``kernel.attend`` over the keys followed by the
+sorted keys: two visited blocks per query block). Cost O(length * block_size +
+(length / block_size)^2).
 
 Causal: block ``i`` may only pull in blocks ``j < i``, is summarised by the mean of all
 keys before it, and its local block is causally masked; block 0 has no sorted block. The
@@ -29,9 +31,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from effx.attention import kernel
 from effx.attention.base import Family, check_positive, check_qkv, zero_padded_queries
-from effx.attention.core import NEG, extents, grouped_attention, pad_axis
+from effx.attention.core import NEG, extents, pad_axis
 from effx.attention.registry import register
 
 f32 = jnp.float32
@@ -64,6 +68,10 @@ class SinkhornAttention(Family):
       ``max_len // block_size`` blocks (default 4096).
     param_dtype: dtype of the sorting network's parameters.
   """
+
+  # splash: its key validity differs per head (a sorted slot is real where real keys
+  # feed it).
+  backends = kernel.DYNAMIC_BACKENDS
 
   block_size: int = 64
   sinkhorn_iters: int = 8
@@ -127,16 +135,24 @@ class SinkhornAttention(Family):
     sort = jnp.where(allowed, sort, 0.0)
     sorted_k = jnp.einsum("bhij,bjthd->bithd", sort, kb)        # [b, n, bs, h, d]
     sorted_v = jnp.einsum("bhij,bjthd->bithd", sort, vb)
-    # A sorted slot is real if some real key feeds it: [b, n, h, bs].
-    sorted_valid = jnp.einsum("bhij,bjt->biht", sort, valid.astype(f32)) > 0
-    keys = jnp.concatenate([kb, sorted_k], axis=2)
-    values = jnp.concatenate([vb, sorted_v], axis=2)
-    local_ok = jnp.broadcast_to(valid[:, :, None, None, :], (b, n, 1, bs, bs))
-    if self.causal:
-      local_ok = local_ok & jnp.tri(bs, dtype=bool)
-    local_ok = jnp.broadcast_to(local_ok, (b, n, heads, bs, bs))
-    sorted_ok = jnp.broadcast_to(sorted_valid[:, :, :, None, :], (b, n, heads, bs, bs))
-    out, _ = grouped_attention(qb, keys, values, jnp.concatenate([local_ok, sorted_ok], -1),
-                               scale=d ** -0.5)
+    # A sorted slot is real if some real key feeds it: [b, h, n, bs].
+    sorted_valid = jnp.einsum("bhij,bjt->bhit", sort, valid.astype(f32)) > 0
+    # One kernel call over the keys followed by the sorted keys: query block i visits
+    # key block i (causally masked when causal) and sorted block n + i, whose slots sit
+    # just before block i (position i * bs - 1), so causality never masks them.
+    flat = lambda x: x.reshape(b, n * bs, heads, x.shape[-1])  # noqa: E731
+    blocks_visited = np.concatenate([np.eye(n, dtype=bool)] * 2, axis=1)
+    layout = kernel.Layout.from_blocks(blocks_visited, bs, bs)
+    pos = np.broadcast_to(np.arange(n * bs, dtype=np.int32), (b, n * bs))
+    sorted_pos = np.broadcast_to(np.repeat(np.arange(n, dtype=np.int32) * bs - 1, bs),
+                                 (b, n * bs))
+    key_valid = jnp.concatenate([jnp.broadcast_to(valid.reshape(b, 1, n * bs),
+                                                  (b, heads, n * bs)),
+                                 sorted_valid.reshape(b, heads, n * bs)], axis=-1)
+    with kernel.backend(self.implementation):
+      out, _ = kernel.attend(flat(qb), jnp.concatenate([flat(kb), flat(sorted_k)], axis=1),
+                             jnp.concatenate([flat(vb), flat(sorted_v)], axis=1), layout,
+                             q_pos=pos, k_pos=np.concatenate([pos, sorted_pos], axis=1),
+                             k_valid=key_valid, causal=self.causal, scale=d ** -0.5)
     out = out.reshape(b, n * bs, heads, v.shape[-1])[:, :length]
     return zero_padded_queries(out.astype(q.dtype), mask)
