@@ -23,9 +23,12 @@ def define_flags() -> None:
 
 
 def main() -> None:
+  from effx.common import lock  # noqa: PLC0415 (with the rest)
   from effx.training import restore  # noqa: PLC0415 (jax: not needed by --help)
 
-  result = restore.evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
+  # It writes its result into the workdir: not while a run is using it.
+  with lock.workdir_lock(FLAGS.workdir, "effx.evaluate"):
+    result = restore.evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
   logging.info("%s", result)
   print(f"{result['checkpoint']} checkpoint (step {result['step']}), {result['split']}: "
         f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")

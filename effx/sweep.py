@@ -88,7 +88,8 @@ def define_flags() -> None:
 def main() -> int:
   # The launchers import jax (through the trials' config checks): not needed by --help.
   from effx.common import files  # noqa: PLC0415 (see above)
-  from effx.launch import local, manifest, report, slurm, tpu, trials  # noqa: PLC0415 (idem)
+  from effx.common import lock  # noqa: PLC0415 (idem)
+  from effx.launch import slurm, tpu, trials  # noqa: PLC0415 (idem)
 
   spec, workdir = FLAGS.config, FLAGS.workdir
   pod = None
@@ -130,6 +131,15 @@ def main() -> int:
     return 0
   if not files.is_remote(workdir) and files.exists(workdir) and not files.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file")
+  # One sweep process per sweep folder (its trials lock their own workdirs).
+  with lock.workdir_lock(workdir, "effx.sweep"):
+    return _launch(spec, workdir, defined, pod, slurm_options)
+
+
+def _launch(spec, workdir, defined, pod, slurm_options) -> int:
+  from effx.common import files  # noqa: PLC0415 (see main)
+  from effx.launch import local, manifest, report, slurm, tpu  # noqa: PLC0415 (idem)
+
   files.makedirs(workdir)
   record = manifest.Manifest(workdir, spec, FLAGS.sweep, defined)
   manifest.refresh(workdir, record)

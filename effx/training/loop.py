@@ -12,6 +12,7 @@ exactly where an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from effx.common import files
+from effx.common import files, lock
 from effx.compress import distill
 from effx.data import pipeline
 from effx.training import checkpoint as ckpt
@@ -104,6 +105,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ``workdir/results.json``) the results."""
   start_time = time.perf_counter()
   workdir = _check_workdir(workdir)
+  created = not files.exists(workdir)
+  # One process per workdir: a second one stops here, before it reads or writes anything
+  # (processes of one multi-host run share it: process 0 holds it for them).
+  try:
+    with (lock.workdir_lock(workdir, "effx.train") if jax.process_index() == 0
+          else contextlib.nullcontext()):
+      return _train_and_evaluate(config, workdir, start_time, created)
+  except BaseException:
+    # A run that failed before writing anything leaves no folder that only the lock made.
+    if (created and jax.process_index() == 0 and not files.is_remote(workdir)
+        and files.exists(workdir) and set(files.listdir(workdir)) <= {lock.NAME}):
+      files.rmtree(workdir)
+    raise
+
+
+def _train_and_evaluate(config, workdir: str, start_time: float, created: bool):
   run = Run(config)  # validates the config and loads the data; writes nothing
   for part in run.parts:
     if part.training_error:
@@ -112,7 +129,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   changes = workdir_lib.check_resume(
       workdir, config_values,
       json.loads(defaults.base(config.data.task).to_json_best_effort()))
-  created = not files.exists(workdir)
   try:
     files.makedirs(workdir)
     checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)

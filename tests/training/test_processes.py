@@ -1,5 +1,5 @@
 """The training entry point in subprocesses: a run stopped by SIGTERM, Ctrl-C and SIGKILL
-resumes bit for bit; sharding over devices and processes does not change the math; a
+resumes bit for bit (a second trainer meanwhile is refused); sharding over devices and processes does not change the math; a
 signal to one of two processes stops both at one step, and they resume.
 
 Each ``python -m effx.train`` pays a few seconds of imports (its compiles are shared
@@ -144,6 +144,11 @@ def test_a_run_stopped_by_sigterm_ctrl_c_and_sigkill_ends_as_a_straight_run(tmp_
   process = _train(work, *args, FOREVER, "--config.checkpoint_every_steps=5")
   _wait(process, lambda: max(_committed(work)) > newest
         and max(_train_steps(work), default=0) >= kill_at, f"step {kill_at}")
+  # A second trainer on the workdir in use is refused at once (the rerun after the
+  # SIGKILL below takes the dead one's lock over).
+  second = _train(work, *args, FOREVER)
+  refused, _ = second.communicate(timeout=120)
+  assert second.returncode == 1 and f"is in use by pid {process.pid}" in refused, refused
   process.send_signal(signal.SIGKILL)
   out, _ = process.communicate()
   assert f"resumed from {ckpts} at step {newest}\n" in out, out[-3000:]  # readable
