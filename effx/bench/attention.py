@@ -22,6 +22,7 @@ when asked for.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -55,6 +56,19 @@ def _clusters(length: int, options: dict[str, Any]) -> int:
   return options.get("num_clusters") or routing.default_clusters(length, window)
 
 
+def _span_keys(length: int, options: dict[str, Any]) -> int:
+  """Keys per query of adaptive_span's band at its initial spans (the band ``lax.switch``
+  picks: whole blocks, a power of two of them on each side)."""
+  from effx.attention import adaptive_span  # noqa: PLC0415 (with the family registry)
+
+  max_span, ramp = options.get("max_span", 1024), options.get("ramp", 32)
+  block = min(adaptive_span.BLOCK, length)
+  reach = min(max_span, math.ceil(options.get("init_span", 0.0) * max_span + ramp) - 1)
+  widths = adaptive_span.widths(-(-length // block) * block, max_span, block)
+  width = next(w for w in widths if w * block >= reach or w == widths[-1])
+  return min(length, (2 * width + 1) * block)
+
+
 def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
           options: dict[str, Any], train: bool) -> float:
   """Analytic multiply-add FLOPs (x2) of the attention mixing, forward; x3 for ``train``.
@@ -83,8 +97,8 @@ def flops(name: str, length: int, *, batch: int, heads: int, head_dim: int,
       # 3 blocks of Nr at level 0; at each coarser level 2^-l as many coarse queries
       # see 2 Nr coarse keys: about 4 Nr more per query over all levels
       "hierarchical": 7 * o.get("block_size", 16),
-      # the widest band (the run-time one follows the learned spans: at most this)
-      "adaptive_span": min(n, 2 * o.get("max_span", 1024) + 1),
+      # the band run at the initial spans (it follows the learned spans later)
+      "adaptive_span": _span_keys(n, o),
   }.get(name, n)
   total = 4.0 * bh * n * per_query_keys * d
   if name == "synthesizer":
