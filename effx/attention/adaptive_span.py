@@ -7,13 +7,13 @@ multiplied by the soft mask ``m(x) = clamp((R + z_h - x) / R, 0, 1)`` of the dis
 
     a_ij = m(x_ij) exp(s_ij) / sum_j' m(x_ij') exp(s_ij')
 
-so the span gets a gradient from the keys in its ramp (at a key whose weight is exactly
-0, ``x = z + R``, the one-sided derivative from below, 0, is taken). A penalty ``span_loss * mean_h
+so the span gets a gradient from the keys in its ramp (at the ramp's two ends, ``x = z``
+and ``x = z + R``, the one-sided derivative from below is taken: ``1 / R`` and 0). A penalty ``span_loss * mean_h
 z_h`` (summed over layers) pulls spans down; the model reports it as an auxiliary loss
 (the ``losses`` collection) that the training loop adds to every objective's loss, and the
 spans as train metrics ``span/<layer>/<head>`` (the ``metrics`` collection). The span is
 stored as the fraction ``z / max_span`` (parameter ``span_fraction``, one per head), which
-the optimizer keeps in ``[0, 1]`` after every update (``Family.bounds``).
+the training step clamps to ``[0, 1]`` after every update (``Family.bounds``).
 
 Compute is trimmed to the longest current span: keys at distance ``>= z + R`` have weight
 0, so each query block visits only the key blocks within ``max_h z_h + R`` (rounded up to
@@ -178,8 +178,11 @@ class AdaptiveSpanAttention(Family):
                           f32)
     spans = fraction * self.max_span
     if not self.is_initializing():  # reported where a caller makes them mutable
-      self.sow("losses", "span", self.span_loss * jnp.mean(spans))
-      self.sow("metrics", "span", jax.lax.stop_gradient(spans))
+      # One value per module however often it is called (a dual encoder calls its
+      # layers twice): the penalty is on the parameters, counted once.
+      last = dict(reduce_fn=lambda _, x: x, init_fn=lambda: None)
+      self.sow("losses", "span", self.span_loss * jnp.mean(spans), **last)
+      self.sow("metrics", "span", jax.lax.stop_gradient(spans), **last)
     return spans
 
   @nn.compact

@@ -48,7 +48,7 @@ class Family(nn.Module):
   # on a GPU, interpret mode elsewhere); "splash" (TPU splash attention through the same
   # kernel seam, interpret mode elsewhere); "cudnn" (``jax.nn.dot_product_attention``).
   backends: ClassVar[tuple[str, ...]] = ("xla",)
-  # Parameters (by name) the optimizer keeps within [low, high] after every update
+  # Parameters (by name) the training step clamps to [low, high] after every update
   # (adaptive span's span fraction in [0, 1]).
   bounds: ClassVar[dict[str, tuple[float, float]]] = {}
   # Whether the family sows a training loss term into the "losses" collection (and

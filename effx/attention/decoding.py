@@ -76,11 +76,12 @@ def cache_step(q: jax.Array, k: jax.Array, v: jax.Array, state: dict[str, jax.Ar
   allowed = allowed[:, None, :] & allow(position[:, None], stored)       # [b, h, slots]
   logits = jnp.einsum("bhd,bhsd->bhs", q, keys,
                       preferred_element_type=f32) * q.shape[-1] ** -0.5
-  weights = jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1)
   if weight is not None:
-    weights = weights * jnp.where(allowed, weight(position[:, None], stored), 0.0)
-    total = jnp.sum(weights, -1, keepdims=True)
-    weights = weights / jnp.where(total > 0, total, 1.0)
+    # m e^s / sum m e^s as a softmax of s + log m: keys of weight 0 stay out of its max.
+    w = jnp.where(allowed, weight(position[:, None], stored), 0.0)
+    allowed = allowed & (w > 0)
+    logits = logits + jnp.log(jnp.where(allowed, w, 1.0))
+  weights = jax.nn.softmax(jnp.where(allowed, logits, NEG), axis=-1)
   out = jnp.einsum("bhs,bhsd->bhd", weights, values, preferred_element_type=f32)
   out = jnp.where(valid[:, None, None], out, 0.0).astype(q.dtype)
   return out, {"k": keys, "v": values, "position": stored}

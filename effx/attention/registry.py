@@ -83,8 +83,8 @@ def backends(name: str) -> tuple[str, ...]:
 
 
 def parameter_bounds() -> dict[str, tuple[float, float]]:
-  """``{parameter name: (low, high)}`` over every family: the optimizer keeps parameters
-  of these names within their bounds after each update (``Family.bounds``)."""
+  """``{parameter name: (low, high)}`` over every family: the training step clamps
+  parameters of these names to their bounds after each update (``Family.bounds``)."""
   out: dict[str, tuple[float, float]] = {}
   for cls in _FAMILIES.values():
     for param, bound in getattr(cls, "bounds", {}).items():

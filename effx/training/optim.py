@@ -48,25 +48,20 @@ def optimizer(config) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule(config), b1=config.adam_b1, b2=config.adam_b2,
                            weight_decay=config.weight_decay, mask=_decay_mask))
-  parts.append(keep_in_bounds(registry.parameter_bounds()))
   return optax.chain(*parts)
 
 
-def keep_in_bounds(bounds: dict[str, tuple[float, float]]) -> optax.GradientTransformation:
-  """The last step of the chain: updates that leave each parameter named in ``bounds``
-  (``{name: (low, high)}``, e.g. adaptive span's ``span_fraction``) clamped to its
-  range after the update (a projection, as the paper clamps its spans); others pass
-  unchanged."""
+def project_to_bounds(params, bounds: dict[str, tuple[float, float]] | None = None):
+  """``params`` with every parameter named in ``bounds`` (``{name: (low, high)}``; default:
+  every family's ``Family.bounds``, e.g. adaptive span's ``span_fraction``) clamped to its
+  range: the projection the training step applies after each update, as the paper
+  clamps its spans. Others pass unchanged (no optimizer state: checkpoints of runs
+  without bounded parameters are as before)."""
+  bounds = registry.parameter_bounds() if bounds is None else bounds
 
-  def update(updates, state, params=None):
-    if params is None:
-      raise ValueError("keep_in_bounds needs the parameters")
+  def project(path, p):
+    key = path[-1]
+    bound = bounds.get(getattr(key, "key", getattr(key, "name", None)))
+    return p if bound is None else jnp.clip(p, *bound).astype(p.dtype)
 
-    def project(path, u, p):
-      key = path[-1]
-      bound = bounds.get(getattr(key, "key", getattr(key, "name", None)))
-      return u if bound is None else jnp.clip(p + u, *bound) - p
-
-    return jax.tree_util.tree_map_with_path(project, updates, params), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return jax.tree_util.tree_map_with_path(project, params)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effx.training import optim
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -54,7 +56,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], extra: Any = None
     grads = jax.tree.map(lambda g: g / accumulate, grads)
     loss, values = loss / accumulate, jax.tree.map(lambda v: v / accumulate, values)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = optim.project_to_bounds(optax.apply_updates(state.params, updates))
   # param_norm is of the updated parameters: the loss lags them by one step, so the trainer
   # checks both before it evaluates or saves them.
   metrics = {"loss": loss, **values, "grad_norm": optax.tree.norm(grads),
