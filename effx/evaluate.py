@@ -27,7 +27,7 @@ def main() -> None:
   from effx.training import restore  # noqa: PLC0415 (jax: not needed by --help)
 
   # It writes its result into the workdir: not while a run is using it.
-  with lock.workdir_lock(FLAGS.workdir, "effx.evaluate"):
+  with lock.workdir_lock(FLAGS.workdir, "effx.evaluate", create=False):
     result = restore.evaluate_workdir(FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
   logging.info("%s", result)
   print(f"{result['checkpoint']} checkpoint (step {result['step']}), {result['split']}: "

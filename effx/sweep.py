@@ -131,6 +131,8 @@ def main() -> int:
     return 0
   if not files.is_remote(workdir) and files.exists(workdir) and not files.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file")
+  if FLAGS.report:  # reads the trials (and rewrites the report) beside a running sweep
+    return _launch(spec, workdir, defined, pod, slurm_options)
   # One sweep process per sweep folder (its trials lock their own workdirs).
   with lock.workdir_lock(workdir, "effx.sweep"):
     return _launch(spec, workdir, defined, pod, slurm_options)

@@ -54,26 +54,40 @@ def _describe(info: dict | None) -> str:
           f"({info.get('command')})")
 
 
+# What flock raises on a filesystem mounted without lock support.
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
 @contextlib.contextmanager
-def workdir_lock(workdir: str, what: str) -> Iterator[None]:
+def workdir_lock(workdir: str, what: str, *, create: bool = True) -> Iterator[None]:
   """Holds ``workdir``'s lock for the ``with`` block (creating the folder if needed).
 
   Raises ``WorkdirInUseError`` at once, naming the holder, when a live process holds it;
-  ``what`` (e.g. ``"effx.train"``) is recorded for the next one's message."""
+  ``what`` (e.g. ``"effx.train"``) is recorded for the next one's message. With
+  ``create=False`` a missing folder is left missing (and not locked: the command reports
+  it). A bucket, or a filesystem without locks, is used unlocked with a warning."""
   if files.is_remote(workdir):
     logging.warning("%s: a bucket has no locks; nothing stops a second process from using "
                     "this workdir at the same time", workdir)
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
+  if not create and not os.path.isdir(workdir):
+    yield
+    return
   path = os.path.join(workdir, NAME)
   while True:
+    os.makedirs(workdir, exist_ok=True)
     # O_APPEND, not O_TRUNC: a refused process must leave the holder's record intact.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
       os.close(fd)
+      if error.errno in _NO_LOCKS:
+        logging.warning("%s: this filesystem has no locks (%s); nothing stops a second "
+                        "process from using this workdir at the same time", workdir, error)
+        yield
+        return
       if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise
       raise WorkdirInUseError(
@@ -99,3 +113,15 @@ def workdir_lock(workdir: str, what: str) -> Iterator[None]:
     with contextlib.suppress(OSError):
       os.ftruncate(fd, 0)
     os.close(fd)  # releases the lock
+
+
+def remove_if_only_locked(workdir: str) -> None:
+  """Removes ``workdir`` if it holds nothing but its lock file: a command that failed
+  before writing anything leaves no folder that only its lock made. Call it while
+  holding the lock (so no other process is in the folder)."""
+  if files.is_remote(workdir) or not os.path.isdir(workdir):
+    return
+  if set(os.listdir(workdir)) <= {NAME}:
+    with contextlib.suppress(OSError):
+      os.remove(os.path.join(workdir, NAME))
+      os.rmdir(workdir)

@@ -108,16 +108,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   created = not files.exists(workdir)
   # One process per workdir: a second one stops here, before it reads or writes anything
   # (processes of one multi-host run share it: process 0 holds it for them).
-  try:
-    with (lock.workdir_lock(workdir, "effx.train") if jax.process_index() == 0
-          else contextlib.nullcontext()):
+  with (lock.workdir_lock(workdir, "effx.train") if jax.process_index() == 0
+        else contextlib.nullcontext()):
+    try:
       return _train_and_evaluate(config, workdir, start_time, created)
-  except BaseException:
-    # A run that failed before writing anything leaves no folder that only the lock made.
-    if (created and jax.process_index() == 0 and not files.is_remote(workdir)
-        and files.exists(workdir) and set(files.listdir(workdir)) <= {lock.NAME}):
-      files.rmtree(workdir)
-    raise
+    except BaseException:
+      # Still holding the lock: a run that failed before writing anything leaves no
+      # folder that only the lock made (a refused process never gets here).
+      if created and jax.process_index() == 0:
+        lock.remove_if_only_locked(workdir)
+      raise
 
 
 def _train_and_evaluate(config, workdir: str, start_time: float, created: bool):

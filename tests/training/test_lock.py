@@ -69,6 +69,10 @@ def test_a_killed_holder_leaves_no_lock(tmp_path, held):
   with pytest.raises(lock.WorkdirInUseError):
     with lock.workdir_lock(str(workdir), "second"):
       pass
+  # A trainer refused on a folder that holds nothing but the lock leaves it as it is.
+  with pytest.raises(lock.WorkdirInUseError):
+    loop.train_and_evaluate(listops_config(), str(workdir))
+  assert lock.holder(str(workdir))["pid"] == holder.pid
   holder.send_signal(signal.SIGKILL)
   holder.wait()
   with lock.workdir_lock(str(workdir), "third"):  # taken over at once
