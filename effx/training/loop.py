@@ -108,8 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   created = not files.exists(workdir)
   # One process per workdir: a second one stops here, before it reads or writes anything
   # (processes of one multi-host run share it: process 0 holds it for them).
-  with (lock.workdir_lock(workdir, "effx.train") if jax.process_index() == 0
-        else contextlib.nullcontext()):
+  with _run_lock(workdir):
     try:
       return _train_and_evaluate(config, workdir, start_time, created)
     except BaseException:
@@ -118,6 +117,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if created and jax.process_index() == 0:
         lock.remove_if_only_locked(workdir)
       raise
+
+
+@contextlib.contextmanager
+def _run_lock(workdir: str):
+  """The workdir's lock, taken by process 0 for every process of the run: when process 0
+  is refused, all of them stop together (none waits at a collective for it)."""
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(lock.workdir_lock(workdir, "effx.train"))
+      except lock.WorkdirInUseError as error:
+        refused = error
+    if jax.process_count() > 1:
+      flag = multihost_utils.broadcast_one_to_all(np.int32(refused is not None))
+      if int(flag) and refused is None:
+        raise lock.WorkdirInUseError(f"workdir {workdir} is in use: process 0 of this run "
+                                     "was refused its lock (its log names the holder)")
+    if refused is not None:
+      raise refused
+    yield
 
 
 def _train_and_evaluate(config, workdir: str, start_time: float, created: bool):

@@ -200,6 +200,24 @@ def _two_hosts(workdir, *args):
                  "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
 
 
+def test_two_processes_refused_a_workdir_in_use_stop_together(tmp_path):
+  """Process 0 holds the lock for the run: when it is refused, both processes exit at
+  once with the message (process 1 is told, not left waiting at a collective)."""
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom effx.common import lock\n"
+       "with lock.workdir_lock(sys.argv[1], 'holder'):\n  print('held', flush=True)\n"
+       "  time.sleep(120)\n", str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE,
+      text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    outs = [p.communicate(timeout=120)[0] for p in _two_hosts(tmp_path / "run")]
+  finally:
+    holder.kill()
+    holder.wait()
+  assert f"is in use by pid {holder.pid}" in outs[0], outs[0][-2000:]
+  assert "process 0 of this run was refused its lock" in outs[1], outs[1][-2000:]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """The training losses of ``SHARD_ARGS`` on one device, trained in this process."""
