@@ -8,11 +8,7 @@ set -euo pipefail
 runs=${1:-/tmp/dilated}
 out=${2:-experiments/results/cpu/dilated_default}
 mkdir -p "$runs" "$out"
-train() {
-  name=$1; shift
-  [ -f "$runs/$name/results.json" ] || python -m effx.train --workdir="$runs/$name" "$@" \
-      > "$runs/$name.log" 2>&1
-}
+source "$(dirname "$0")/runs.sh"
 train listops --config=configs/lra_listops.py:small --config.model.attention=dilated
 for pairs in 2 4 8 16; do
   train "mqar_$pairs" --config=configs/mqar.py --config.model.attention=dilated \

@@ -10,11 +10,7 @@ set -euo pipefail
 runs=${1:-/tmp/new_families}
 out=${2:-experiments/results/cpu/new_families}
 mkdir -p "$runs" "$out"
-train() {
-  name=$1; shift
-  [ -f "$runs/$name/results.json" ] || python -m effx.train --workdir="$runs/$name" "$@" \
-      > "$runs/$name.log" 2>&1
-}
+source "$(dirname "$0")/runs.sh"
 # MQAR is 64 tokens long: adaptive_span may learn to reach all of it.
 declare -A MQAR_OPTIONS=([hierarchical]='{}' [adaptive_span]='{"max_span": 64}')
 for family in hierarchical adaptive_span; do

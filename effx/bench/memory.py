@@ -43,7 +43,7 @@ LONG_OPTIONS: dict[str, dict[str, Any]] = {
     "linear": dict(),
     "cosformer": dict(),
     "hierarchical": dict(block_size=16),
-    "adaptive_span": dict(max_span=1024),
+    "adaptive_span": dict(max_span=256),
 }
 
 
