@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -45,8 +46,8 @@ class Writer:
       # Events go to a local file, copied to a bucket at every flush.
       self._tb_remote = tb_dir if files.is_remote(tb_dir) else None
       # A name of its own: an old file of the same name would be truncated, then deleted.
-      self._tb = SummaryWriter(tempfile.mkdtemp(prefix="effx-tb-") if self._tb_remote
-                               else tb_dir,
+      self._tb_local = tempfile.mkdtemp(prefix="effx-tb-") if self._tb_remote else None
+      self._tb = SummaryWriter(self._tb_local or tb_dir,
                                filename_suffix=f".{os.getpid()}.{time.time_ns()}")
       for row in kept:
         for name, value in row.items():
@@ -80,6 +81,8 @@ class Writer:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      if self._tb_local:  # the local copy of a bucket's events, uploaded at every flush
+        shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _rows(path: str) -> list[dict]:
