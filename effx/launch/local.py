@@ -3,11 +3,14 @@ at a time, one GPU each (``nvidia-smi -L``) or a share of the CPU cores (affinit
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+import warnings
 from typing import Any, Callable
 
 from effx.launch.manifest import Manifest, keep_log, local_log, settle
@@ -29,7 +32,7 @@ def _gpus() -> list[str]:
   return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU")]
 
 
-def _slots(parallel: int) -> list[dict[str, Any]]:
+def trial_slots(parallel: int) -> list[dict[str, Any]]:
   """What each of the ``parallel`` slots runs on: one GPU each, or a share of the cores."""
   gpus = _gpus()
   if gpus:
@@ -41,11 +44,44 @@ def _slots(parallel: int) -> list[dict[str, Any]]:
   return [{"env": {}, "cpus": cores[i::parallel] or cores} for i in range(parallel)]
 
 
+def start_trial(argv: list[str], log, env: dict[str, str], cpus: list[int] | None
+                ) -> subprocess.Popen:
+  """Starts a trial's ``effx.train``, writing to ``log``, on ``cpus`` (None: all).
+
+  Its own process group, so that Ctrl-C in a terminal reaches the launcher alone, which
+  then sends the trainer one SIGTERM (a trainer's second signal exits without a
+  checkpoint); and (Linux) a signal when the launcher dies, so that a killed launcher
+  leaves no trainer running on: SIGHUP, on which the trainer checkpoints and exits
+  (the rerun resumes it)."""
+
+  def setup() -> None:  # runs in the child between fork and exec: nothing that locks
+    if cpus:
+      os.sched_setaffinity(0, cpus)
+    if _LIBC is not None:
+      # A launcher under nohup ignores SIGHUP, and its children would inherit that.
+      signal.signal(signal.SIGHUP, signal.SIG_DFL)
+      _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGHUP)
+
+  with warnings.catch_warnings():
+    # jax warns at every fork of a process that has imported it; the child above only
+    # sets its cores and death signal before exec.
+    warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **env}, start_new_session=True,
+                            preexec_fn=setup)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Loaded here, not in the forked child (dlopen there could wait on a lock another thread
+# held at the fork).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def run_local(spec: str, workdir: str, manifest: Manifest, parallel: int,
               progress: Callable[[int], None] | None = None) -> None:
   """Runs the manifest's pending trials, ``parallel`` at a time, until each is done or
   has failed ``1 + RETRIES`` times; updates the manifest after every change."""
-  slots = _slots(parallel)
+  slots = trial_slots(parallel)
   queue = [t for t in manifest.trials if t.status == "pending"]
   running: dict[int, tuple[Trial, subprocess.Popen, Any]] = {}
   tries = {t.name: 0 for t in queue}
@@ -55,10 +91,7 @@ def run_local(spec: str, workdir: str, manifest: Manifest, parallel: int,
     trial.status, trial.attempts = "running", trial.attempts + 1
     log = open(local_log(workdir, trial), "a", encoding="utf-8")
     cpus = slots[slot]["cpus"]
-    process = subprocess.Popen(
-        command(spec, workdir, trial), stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, **slots[slot]["env"]},
-        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    process = start_trial(command(spec, workdir, trial), log, slots[slot]["env"], cpus)
     running[slot] = (trial, process, log)
     manifest.save()
 

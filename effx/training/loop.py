@@ -54,11 +54,15 @@ def _check_workdir(workdir: str) -> str:
 
 
 class _Stop:
-  """Set by SIGTERM (preemption) or SIGINT (Ctrl-C): the loop checkpoints the current
-  step and returns. A second signal exits at once: orbax commits a checkpoint by renaming
-  its finished folder, so a save cut short leaves the previous checkpoint the newest."""
+  """Set by SIGTERM (preemption), SIGINT (Ctrl-C) or SIGHUP (the terminal closed, or the
+  sweep that started the run died): the loop checkpoints the current step and returns.
+  A second SIGTERM or SIGINT exits at once: orbax commits a checkpoint by renaming its
+  finished folder, so a save cut short leaves the previous checkpoint the newest. SIGHUP
+  never does: a dying launcher can deliver it more than once (Linux sends the
+  parent-death signal again each time the thread the trainer was reparented to exits),
+  and an ignored SIGHUP (``nohup``) stays ignored."""
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
   def __init__(self):
     self.requested: str | None = None
@@ -66,7 +70,10 @@ class _Stop:
 
   def __call__(self, signum, frame):
     del frame
-    if self.requested:
+    if signum == signal.SIGHUP:
+      self.requested = self.requested or "SIGHUP"
+      return
+    if self.requested and self.requested != "SIGHUP":
       sys.stderr.write(f"{signal.Signals(signum).name} again: exiting now, without "
                        "checkpointing the current step\n")
       sys.stderr.flush()
@@ -85,7 +92,8 @@ class _Stop:
     return anyone
 
   def install(self) -> None:
-    self._previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+    self._previous = {s: signal.signal(s, self) for s in self.SIGNALS
+                      if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}
 
   def uninstall(self) -> None:
     for s, handler in self._previous.items():

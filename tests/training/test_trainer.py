@@ -439,6 +439,32 @@ def test_a_second_signal_exits_at_once(monkeypatch, capsys):
   assert "SIGINT again: exiting now" in capsys.readouterr().err
 
 
+def test_sighup_stops_once_and_never_escalates(monkeypatch, capsys):
+  """SIGHUP (a dying launcher's parent-death signal, possibly more than once) asks for a
+  checkpoint and never exits at once; a SIGTERM after it is still a first stop request,
+  a second SIGTERM exits. Under nohup (SIGHUP ignored) it stays ignored."""
+  exits = []
+  monkeypatch.setattr(trainer.os, "_exit", exits.append)
+  stop = trainer._Stop()
+  stop(signal.SIGHUP, None)
+  stop(signal.SIGHUP, None)
+  assert stop.requested == "SIGHUP" and not exits
+  stop(signal.SIGTERM, None)
+  assert stop.requested == "SIGTERM" and not exits
+  stop(signal.SIGTERM, None)
+  assert exits == [128 + signal.SIGTERM]
+  assert "SIGTERM again: exiting now" in capsys.readouterr().err
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    ignoring = trainer._Stop()
+    ignoring.install()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is ignoring
+    ignoring.uninstall()
+  finally:
+    signal.signal(signal.SIGHUP, previous)
+
+
 def test_no_restorable_checkpoint_stops_instead_of_starting_over(listops_copy):
   workdir = listops_copy
   for step in ("10", "20", "30"):
