@@ -42,3 +42,20 @@ def get_config(size="small"):
     c.model.update(qkv_dim=16, mlp_dim=32)
     c.model.classifier_dim = 32
   return c
+
+
+def search_kd(trial, arg=None):
+  """The distillation's weights and temperature (``--search=kd``): α ∈ [0, 1] splits the
+  output loss between the teacher's softened logits (α) and the labels (1 - α), as in
+  the Hugging Face compression chapter; T ∈ [1, 20]; the hidden-state and MiniLM
+  value-relation weights ∈ [0, 2] (0 = off)."""
+  del arg
+  alpha = trial.suggest_float("alpha", 0.0, 1.0)
+  return {
+      "distill.kd_weight": alpha,
+      "distill.ce_weight": 1.0 - alpha,
+      "distill.temperature": trial.suggest_float("temperature", 1.0, 20.0),
+      "distill.hidden_weight": trial.suggest_float("hidden_weight", 0.0, 2.0),
+      "distill.value_relation_weight": trial.suggest_float("value_relation_weight", 0.0, 2.0),
+  }
+

@@ -56,3 +56,15 @@ def sweep_lr(add, arg=None):
   rates = (0.001, 0.005, 0.01) if arg in ("small", "tiny") else (0.01, 0.05, 0.1)
   for overrides in sweep.product(learning_rate=rates, warmup_steps=(100, 1000)):
     add(**overrides)
+
+
+def search_lr(trial, arg=None):
+  """Peak learning rate, warm-up and weight decay of the dense Transformer, searched
+  (``python -m effx.sweep --search=lr --trials=20``)."""
+  small = arg in ("small", "tiny")
+  return {
+      "learning_rate": trial.suggest_float("learning_rate", 3e-4 if small else 3e-3,
+                                           3e-2 if small else 3e-1, log=True),
+      "warmup_steps": trial.suggest_categorical("warmup_steps", [100, 300, 1000]),
+      "weight_decay": trial.suggest_float("weight_decay", 1e-3, 0.3, log=True),
+  }

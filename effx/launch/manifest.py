@@ -36,7 +36,7 @@ class Manifest:
       previous = {t["name"]: t for t in stored["trials"]}
       for trial in trials:
         old = previous.get(trial.name)
-        if old is not None and old["overrides"] == _jsonable(trial.overrides):
+        if old is not None and old["overrides"] == jsonable(trial.overrides):
           trial.status, trial.error = old["status"], old["error"]
           trial.attempts, trial.results = old["attempts"], old["results"]
           if trial.status in ("running", "interrupted", "failed"):
@@ -45,11 +45,11 @@ class Manifest:
   def save(self) -> None:
     workdir_lib.write_json_atomic(self.path, {
         "config": self.spec, "sweep": self.sweep,
-        "trials": [{**dataclasses.asdict(t), "overrides": _jsonable(t.overrides)}
+        "trials": [{**dataclasses.asdict(t), "overrides": jsonable(t.overrides)}
                    for t in self.trials]})
 
 
-def _jsonable(value):
+def jsonable(value):
   return json.loads(json.dumps(value))
 
 
@@ -64,7 +64,7 @@ def read_results(workdir: str) -> dict[str, Any] | None:
   return {k: values[k] for k in keep if k in values}
 
 
-def _log_tail(path: str) -> str:
+def log_tail(path: str) -> str:
   try:
     lines = [line.strip() for line in files.read_text(path).splitlines() if line.strip()]
   except (OSError, UnicodeDecodeError):
@@ -84,7 +84,7 @@ def settle(workdir: str, trial: Trial, returncode: int, log: str, tries: int,
     return True
   else:
     trial.status = "failed"
-    trial.error = _log_tail(log) or f"exit status {returncode}"
+    trial.error = log_tail(log) or f"exit status {returncode}"
   if progress:
     progress(1)
   return False

@@ -68,3 +68,41 @@ def submit_slurm(spec: str, workdir: str, manifest: Manifest, *, resubmit: bool 
     trial.status = "submitted"
   manifest.save()
   return answer
+
+
+def search_script(worker: list[str], workdir: str, *, parallel: int, nodes: int,
+                  gpus_per_node: int, time_limit: str, partition: str, search: str) -> str:
+  """An sbatch script of ``parallel`` array tasks, each one search worker (``worker``:
+  its ``effx.sweep ... --worker`` command) that asks the study for trials until the
+  search has its number of trials."""
+  if nodes != 1:
+    raise ValueError(f"--nodes={nodes}: a search worker trains its trials on one node; "
+                     "multi-node trials are not supported by --search")
+  lines = ["#!/bin/bash",
+           f"#SBATCH --job-name=effx-search-{search}",
+           f"#SBATCH --array=0-{parallel - 1}",
+           "#SBATCH --nodes=1",
+           "#SBATCH --ntasks-per-node=1",
+           *([f"#SBATCH --gpus-per-node={gpus_per_node}"] if gpus_per_node else []),
+           f"#SBATCH --time={time_limit}",
+           *([f"#SBATCH --partition={partition}"] if partition else []),
+           f"#SBATCH --output={os.path.join(workdir, 'logs', 'slurm-%A_%a.log')}",
+           "set -euo pipefail",
+           f"cd {shlex.quote(os.getcwd())}",
+           "# Every task is one worker of the same study: the database hands out each trial",
+           "# once; a task that ends early (time limit) leaves its trial to the others.",
+           shlex.join(worker)]
+  return "\n".join(lines) + "\n"
+
+
+def submit_search(script: str, workdir: str) -> str:
+  """Writes ``<workdir>/slurm/search.sbatch`` and submits it; returns sbatch's answer."""
+  files.makedirs(os.path.join(workdir, "slurm"))
+  files.makedirs(os.path.join(workdir, "logs"))
+  path = os.path.join(workdir, "slurm", "search.sbatch")
+  files.write_text_atomic(path, script)
+  if shutil.which("sbatch") is None:
+    raise FileNotFoundError(f"sbatch not found: the job script is {path}; submit it where "
+                            "Slurm runs (sbatch <script>)")
+  return subprocess.run(["sbatch", path], capture_output=True, text=True,
+                        check=True).stdout.strip()

@@ -97,6 +97,21 @@ def with_auxiliary(loss: jax.Array, values: dict[str, jax.Array], aux: dict
   return loss + aux["auxiliary_loss"], {**values, **aux["reported"]}
 
 
+def selection_metric(config) -> tuple[str, bool]:
+  """``(metric, higher_is_better)``: the validation metric that picks a run's best
+  checkpoint, from its config alone (the objective ``Run`` builds uses the same rule):
+  bits per byte for language models, accuracy for recall tasks (``mqar``) and
+  classifiers, cosine to the teacher for distilled sentence encoders."""
+  if config.data.task == "mqar":
+    return "accuracy", True
+  if config.model.kind == "causal_lm":
+    return "bpb", False
+  distilled = config.distill.teacher_workdir or config.distill.teacher_model
+  if distilled and config.model.kind == "encoder":
+    return "cosine", True
+  return "accuracy", True
+
+
 class Classification:
   """Softmax cross-entropy on integer labels; the best checkpoint has the highest
   validation accuracy."""

@@ -99,7 +99,7 @@ class Run:
     if self.task.kind == "lm":
       self.objective = objectives.LanguageModel(
           self.model, self._empty_memory,
-          best_metric="accuracy" if config.data.task == "mqar" else "bpb")
+          best_metric=objectives.selection_metric(config)[0])
       if self.carries_memory:
         self.eval_carry_sharding = self.state_shardings.model_state["memory"]
     else:
