@@ -1,0 +1,54 @@
+"""Export a trained model as a deployable artifact (``effx.training.deploy``).
+
+  python -m effx.export --workdir=/tmp/listops --out=/tmp/listops_stablehlo \\
+      [--format=stablehlo] [--checkpoint=best|latest|STEP] [--batch=N|dynamic] \\
+      [--length=L|dynamic] [--platforms=cpu,cuda] [--overwrite]
+
+Writes ``--out/model.stablehlo`` (the inference forward with its parameters, serialized
+by ``jax.export``: any JAX process calls it without effx) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+
+from absl import flags
+
+from effx import cli
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "an effx.train workdir", required=True)
+  flags.DEFINE_string("out", None, "the artifact's folder (must not exist)", required=True)
+  flags.DEFINE_string("format", "stablehlo", "stablehlo")
+  flags.DEFINE_string("checkpoint", "best", "best, latest or a step")
+  flags.DEFINE_string("batch", "dynamic", "a batch size, or dynamic (any batch)")
+  flags.DEFINE_string("length", None, "a length, or dynamic (any up to the model's); "
+                      "default: the model's")
+  flags.DEFINE_list("platforms", ["cpu"], "lower for these: cpu, cuda, rocm, tpu")
+  flags.DEFINE_bool("overwrite", False, "replace an existing --out (once the new artifact "
+                    "is complete)")
+
+
+def main() -> None:
+  from effx.training import deploy  # noqa: PLC0415 (jax: not needed by --help)
+
+  manifest = deploy.export_workdir(
+      FLAGS.workdir, FLAGS.out, format=FLAGS.format, checkpoint=FLAGS.checkpoint,
+      batch=FLAGS.batch, length=FLAGS.length, platforms=tuple(FLAGS.platforms),
+      overwrite=FLAGS.overwrite)
+  shapes = "; ".join(f"{x['name']} {x['dtype']}[{', '.join(x['shape'])}]"
+                     for x in manifest["inputs"] + manifest["outputs"])
+  print(f"{FLAGS.out}/{manifest['file']}: {manifest['kind']} ({manifest['attention']}), "
+        f"step {manifest['step']}, for {','.join(manifest['platforms'])}: {shapes}")
+
+
+def run(argv=None) -> int:
+  """Runs the export command on ``argv`` (default: the command line); returns its exit
+  status."""
+  return cli.run(define_flags, main, argv)
+
+
+if __name__ == "__main__":
+  run()
