@@ -221,7 +221,8 @@ def _launch(spec, workdir, defined, pod, slurm_options) -> int:
 
 def _search(spec: str, workdir: str, overrides) -> int:
   """``--search``: check, then work on the study (or submit workers, or report)."""
-  import os  # noqa: PLC0415 (with the launchers)
+  import json  # noqa: PLC0415 (with the launchers)
+  import os  # noqa: PLC0415 (idem)
 
   from effx.common import files  # noqa: PLC0415 (see main)
   from effx.common import lock  # noqa: PLC0415 (idem)
@@ -261,6 +262,14 @@ def _search(spec: str, workdir: str, overrides) -> int:
   workdir = files.absolute(workdir)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file")
+  if FLAGS.report:  # what the folder's search.json records, whatever the flags say
+    path = os.path.join(workdir, search.RECORD)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{workdir} holds no search yet ({search.RECORD})")
+    stored = json.loads(files.read_text(path))
+    study = search.open_study(options, workdir, stored["direction"])
+    print("\n".join(search_report.report(workdir, study, stored)))
+    return 0
   metric, direction = search.selection(spec, options.name, options.base)  # a sampled trial
   if options.direction != "auto":
     direction = options.direction
@@ -287,13 +296,6 @@ def _search(spec: str, workdir: str, overrides) -> int:
     else:
       print(shlex.join(worker[:-1] + ([f"--parallel={FLAGS.parallel}"]
                                       if FLAGS.parallel > 1 else [])))
-    return 0
-  if FLAGS.report:
-    if not os.path.exists(os.path.join(workdir, search.RECORD)):
-      raise FileNotFoundError(f"{workdir} holds no search yet ({search.RECORD})")
-    stored = search.record(options, workdir, metric, direction)
-    study = search.open_study(options, workdir, direction)
-    print("\n".join(search_report.report(workdir, study, stored)))
     return 0
 
   if options.storage:  # an unreachable database: one message before anything is written

@@ -38,7 +38,8 @@ def rows(study, metric: str) -> list[dict]:
     steps = results.get("step")
     if steps is None and t.intermediate_values:
       steps = max(t.intermediate_values)
-    continues = t.system_attrs.get("failed_trial")
+    history = t.system_attrs.get("retry_history") or []
+    continues = history[-1] if history else None  # the attempt this one takes over
     out.append({
         "trial": t.number, "state": t.state.name.lower(),
         "value": t.value if t.values else None,

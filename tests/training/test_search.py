@@ -293,16 +293,16 @@ def postgres():
     as_user = ["runuser", "-u", "postgres", "--"]
   data, port = folder / "data", free_port()
 
-  def run(*argv):
-    subprocess.run([*as_user, *argv], check=True, capture_output=True, timeout=120)
+  def run(*argv, check=True):
+    subprocess.run([*as_user, *argv], check=check, capture_output=True, timeout=120)
 
-  run(str(bin_dir / "initdb"), "-D", str(data), "-U", "effx", "--auth=trust", "-E", "UTF8")
-  run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w",
-      "-o", f"-k {folder} -p {port} -c listen_addresses=127.0.0.1", "start")
   try:
+    run(str(bin_dir / "initdb"), "-D", str(data), "-U", "effx", "--auth=trust", "-E", "UTF8")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w",
+        "-o", f"-k {folder} -p {port} -c listen_addresses=127.0.0.1", "start")
     yield f"postgresql+psycopg://effx@127.0.0.1:{port}/postgres"
   finally:
-    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop", check=False)
     shutil.rmtree(folder, ignore_errors=True)
 
 
