@@ -4,10 +4,17 @@
   dominates: LLVM's optimisation level 0 halves it (XLA's HLO passes, and so numerics and
   buffer assignment, are unchanged). Set before JAX initialises its backend.
 * float32 matmuls at full precision, so tolerances mean the same on every backend.
+* One persistent JAX compilation cache for the whole session (``compilation_cache``):
+  the pytest processes (both xdist workers) and every program they start
+  (``python -m effx.train``, benchmark workers) load an executable any of them compiled
+  before instead of compiling it again. The cache key is the program, the compile
+  options and the XLA flags, so a process loads only what it would have compiled itself:
+  results are unchanged. The folder is new each session and removed at its end.
 """
 
 import os
 import pathlib
+import shutil
 import sys
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -18,6 +25,44 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The session's compilation cache: its folder is made by the process that runs the
+# session (xdist's controller, or pytest alone) and handed to the workers (and from any
+# of them to their subprocesses) in the environment. Every compile is cached (no minimum
+# compile time). No size limit: jax's size limit would rescan the whole folder at every
+# write (and take a file lock around it); without it a reader that meets an entry being
+# written gets an error it reports as a warning, and compiles.
+_CACHE_FOLDER = "EFFX_TESTS_COMPILATION_CACHE"
+_CACHE_SETTINGS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+                   "JAX_COMPILATION_CACHE_MAX_SIZE": "-1"}
+
+
+def compilation_cache() -> dict[str, str]:
+  """The environment variables of the session's compilation cache."""
+  return {"JAX_COMPILATION_CACHE_DIR": os.environ[_CACHE_FOLDER], **_CACHE_SETTINGS}
+
+
+@pytest.hookimpl(trylast=True)  # after the tmp_path plugin has set up the base folder
+def pytest_configure(config):
+  if not hasattr(config, "workerinput"):  # the session's own process makes the folder
+    folder = config._tmp_path_factory.getbasetemp() / "jax_compilation_cache"  # noqa: SLF001
+    folder.mkdir(exist_ok=True)
+    os.environ[_CACHE_FOLDER] = str(folder)
+    config.stash[_CACHE_KEY] = folder
+  for name, value in compilation_cache().items():
+    os.environ[name] = value
+    jax.config.update(name.lower(), int(value) if name.endswith(("SIZE", "BYTES"))
+                      else float(value) if name.endswith("SECS") else value)
+
+
+def pytest_unconfigure(config):
+  folder = config.stash.get(_CACHE_KEY, None)
+  if folder is not None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+_CACHE_KEY = pytest.StashKey[pathlib.Path]()
 
 # tests/support.py holds helpers for every test directory.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jax.experimental.compilation_cache import compilation_cache
 
 import effx.attention as ea
 
@@ -102,33 +99,3 @@ def set_keys(config, overrides):
       node = node[p]
     node[leaf] = value
   return config
-
-
-@contextlib.contextmanager
-def compiles_cached(path):
-  """JAX's persistent compilation cache in ``path`` for this process, while the block
-  runs. Each training run builds its jitted steps anew, so a run of a program an earlier
-  run in this process compiled compiles it again; with the cache it loads the executable
-  (a tiny run's ~30 s become ~13 s on a CPU: what is left is tracing). The cache key is
-  the program and compile options, so a run loads only what it would have compiled."""
-  settings = {"jax_compilation_cache_dir": str(path),
-              "jax_persistent_cache_min_compile_time_secs": 0,
-              "jax_compilation_cache_max_size": 4 << 30}  # the size limit turns on the lock
-  before = {name: getattr(jax.config, name) for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()  # read the settings again at the next compile
-  try:
-    yield
-  finally:
-    for name, value in before.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
-@pytest.fixture
-def compiles_cached_here(tmp_path_factory):
-  """``compiles_cached`` for the test, in one folder per session (per xdist worker):
-  import it into a test module to use it there."""
-  with compiles_cached(tmp_path_factory.getbasetemp() / "jax_compilation_cache_here"):
-    yield

@@ -15,11 +15,7 @@ import pytest
 from effx import models, pretrained
 from effx.pretrained import embed
 from effx.attention import registry
-from support import compiles_cached_here  # noqa: F401 (a fixture)
 from tiny_bert import VOCAB, numpy_bert, tiny_weights, write_folder
-
-# Programs compiled by an earlier test (the tiny checkpoint's embedding) are loaded.
-pytestmark = pytest.mark.usefixtures("compiles_cached_here")
 
 GOLDEN = pathlib.Path(__file__).parent / "golden_minilm.json"
 TEXTS = ["The man is playing the guitar.", "a dog runs fast!", "big red house , small tree",

@@ -17,10 +17,7 @@ from effx.training import loop as trainer
 from effx.training import objectives
 from effx.data import sentences
 from tiny_bert import SPECIAL, WORDS, write_folder, write_tokenizer
-from support import compiles_cached_here, set_keys  # noqa: F401 (a fixture)
-
-# Programs compiled by an earlier test (the tiny checkpoint's embedding) are loaded.
-pytestmark = pytest.mark.usefixtures("compiles_cached_here")
+from support import set_keys
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "pretrained_swap.py"
 TEXTS = ["the man is playing the guitar .", "a dog runs fast !", "big red house , small tree",

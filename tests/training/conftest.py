@@ -1,3 +1,4 @@
+import os
 import pathlib
 import shutil
 import socket
@@ -5,7 +6,7 @@ import socket
 import pytest
 
 from effx import cli
-from support import compiles_cached, set_keys
+from support import set_keys
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
@@ -37,34 +38,33 @@ def stand_in_cluster(count: int) -> dict[str, str]:
           "SLURM_NTASKS": str(count), "SLURM_LOCALID": "0"}
 
 
+# Every process of the session, and every subprocess it starts, shares one persistent
+# compilation cache (tests/conftest.py): a run of a program compiled before, by an earlier
+# run of the same test or another test, loads the executable instead of compiling it.
+# The fixtures below name it for tests that ask for it.
+
+
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-  """Environment variables giving subprocesses a persistent JAX compilation cache of
-  this session (of this xdist worker): a run of a program compiled before, by an earlier
-  run of the same test or another test, loads the executable instead of compiling it
-  (about 6 s of a tiny run's 15 s on a CPU). The cache key is the program and compile
-  options, so a run loads only what it would have compiled itself. The size limit turns
-  on jax's file lock, so that concurrent processes never read a half-written entry."""
-  path = tmp_path_factory.mktemp("jax_compilation_cache")
-  return {"JAX_COMPILATION_CACHE_DIR": str(path),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30)}
+def compile_cache():
+  """The environment variables of the session's compilation cache."""
+  return {name: os.environ[name] for name in (
+      "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "JAX_COMPILATION_CACHE_MAX_SIZE")}
 
 
 @pytest.fixture
 def cached_compiles(compile_cache, monkeypatch):
-  """``compile_cache`` in this process's environment, for the subprocesses it starts (jax
-  in this process read its configuration when it was imported, and keeps it)."""
+  """``compile_cache`` in this process's environment, for the subprocesses it starts
+  (already there for the whole session: kept for the tests that name it)."""
   for name, value in compile_cache.items():
     monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
-def cached_here(compile_cache):
-  """``compile_cache`` for this process too, while the test runs (``support.compiles_cached``):
-  runs compiling what an earlier run or a subprocess compiled load it instead."""
-  with compiles_cached(compile_cache["JAX_COMPILATION_CACHE_DIR"]):
-    yield
+def cached_here():
+  """Compiles in this process use the cache (they do for the whole session: kept for the
+  tests that name it)."""
+  yield
 
 
 def listops_config(**overrides):
@@ -74,7 +74,7 @@ def listops_config(**overrides):
 
 
 @pytest.fixture(scope="session")
-def listops_run(tmp_path_factory, compile_cache):
+def listops_run(tmp_path_factory):
   """A finished tiny ListOps run (``listops_config()``: 30 steps, checkpoints at 10, 20,
   30, validation at 15 and 30), trained once per session (per xdist worker) for the tests
   that read it: a teacher, a workdir to evaluate or export. Read it only: a test that
@@ -82,8 +82,7 @@ def listops_run(tmp_path_factory, compile_cache):
   from effx.training import loop  # noqa: PLC0415
 
   workdir = tmp_path_factory.mktemp("listops_run") / "run"
-  with compiles_cached(compile_cache["JAX_COMPILATION_CACHE_DIR"]):
-    results = loop.train_and_evaluate(listops_config(), str(workdir))
+  results = loop.train_and_evaluate(listops_config(), str(workdir))
   assert results["step"] == 30
   return workdir
 

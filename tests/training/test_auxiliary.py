@@ -54,7 +54,6 @@ def test_a_reversible_stack_refuses_a_family_with_a_loss_term():
 
 
 @pytest.mark.slow  # a straight and a resumed training run
-@pytest.mark.usefixtures("cached_here")
 def test_adaptive_span_lm_reports_spans_and_resumes_exactly(tmp_path):
   """Spans per layer and head are train metrics; they move, stay in [0, max_span], and a
   run resumed at step 6 (spans in its checkpoint) ends where a straight one does."""

@@ -19,7 +19,6 @@ from effx.compress import distill
 from effx.training import loop as trainer
 from effx.training import objectives, teachers, validate
 from conftest import CONFIGS, tiny_config
-from support import compiles_cached
 
 
 def _model(**overrides):
@@ -165,17 +164,15 @@ OPTIONS = {"distill.hidden_weight": 0.5, "distill.attention_weight": 0.5,
 
 
 @pytest.fixture(scope="module")
-def student_run(listops_run, tmp_path_factory, compile_cache):
+def student_run(listops_run, tmp_path_factory):
   """A finished 20-step student (``OPTIONS``) of the two-layer ``listops_run``, with
   checkpoints at 10 and 20; tests copy it before they resume it."""
   workdir = tmp_path_factory.mktemp("student") / "straight"
-  with compiles_cached(compile_cache["JAX_COMPILATION_CACHE_DIR"]):
-    trainer.train_and_evaluate(_student(listops_run, **OPTIONS), str(workdir))
+  trainer.train_and_evaluate(_student(listops_run, **OPTIONS), str(workdir))
   return workdir
 
 
 @pytest.mark.slow  # a teacher run, a straight and a resumed student run
-@pytest.mark.usefixtures("cached_here")
 def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(
     listops_run, student_run, tmp_path):
   straight = json.loads((student_run / "results.json").read_text())
@@ -202,7 +199,6 @@ def test_distilled_student_trains_resumes_exactly_and_holds_no_teacher(
           "accuracy"} <= set(train[0])
 
 
-@pytest.mark.usefixtures("cached_here")
 def test_a_changed_teacher_is_refused_on_resume(listops_run, student_run, tmp_path):
   workdir = shutil.copytree(student_run, tmp_path / "student")
   record = tmp_path / "student" / "teacher.json"

@@ -111,7 +111,6 @@ def _lm_config(**overrides):
 
 
 @pytest.mark.slow  # a straight and a resumed training run
-@pytest.mark.usefixtures("cached_here")
 def test_lm_with_memory_resumes_exactly(tmp_path):
   """Memory is part of the state: a run resumed at step 6 ends where an uninterrupted
   one does, bit for bit."""
@@ -132,7 +131,6 @@ def test_lm_with_memory_resumes_exactly(tmp_path):
   assert float(np.abs(hidden).sum()) > 0  # a non-trivial memory was checkpointed
 
 
-@pytest.mark.usefixtures("cached_here")
 def test_mqar_trains_through_the_same_loop(tmp_path):
   config = tiny_config("mqar", num_train_steps=4, eval_every_steps=4,
                        checkpoint_every_steps=4)

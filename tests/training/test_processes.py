@@ -3,9 +3,9 @@ resumes bit for bit (a second trainer meanwhile is refused); sharding over devic
 signal to one of two processes stops both at one step, and they resume.
 
 Each ``python -m effx.train`` pays a few seconds of imports (its compiles are shared
-between runs of one program by the ``cached_compiles`` fixture), so one run is stopped
-several ways and one two-process run is signalled and resumed, rather than a run per
-property; the one-device reference of the sharding tests trains in this process."""
+between runs of one program by the session's compilation cache, tests/conftest.py), so
+one run is stopped several ways and one two-process run is signalled and resumed, rather
+than a run per property; the one-device reference of the sharding tests trains in this process."""
 
 import json
 import os
@@ -27,8 +27,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = [f"--config={ROOT / 'configs' / 'lra_listops.py'}:tiny", "--config.log_every_steps=1",
         "--config.max_eval_examples=16", "--config.data.num_train=200"]
 FOREVER = "--config.num_train_steps=100000"  # a run that only a signal ends
-
-pytestmark = pytest.mark.usefixtures("cached_compiles")
 
 
 def _env(devices=1, **extra):

@@ -102,7 +102,6 @@ def _run(workdir, **overrides):
 
 
 @pytest.mark.slow  # a straight and a resumed training run per method
-@pytest.mark.usefixtures("cached_here")
 @pytest.mark.parametrize("method", ["magnitude", "movement"])
 def test_a_pruned_run_reaches_its_sparsity_and_resumes_exactly(tmp_path, method):
   straight = _run(tmp_path / "straight", **{"prune.method": method})

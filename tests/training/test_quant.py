@@ -110,7 +110,6 @@ def _run(workdir, **overrides):
 
 
 @pytest.mark.slow  # three training runs (straight, killed + resumed) and an export
-@pytest.mark.usefixtures("cached_here")
 def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_path):
   options = {"quant.mode": "qat", "prune.method": "magnitude", "prune.target_sparsity": 0.5}
   straight = _run(tmp_path / "straight", **options)
@@ -166,7 +165,6 @@ def test_qat_with_pruning_resumes_exactly_and_exports_to_an_integer_workdir(tmp_
 
 
 @pytest.mark.slow  # a training run with a teacher
-@pytest.mark.usefixtures("cached_here")
 def test_a_quantized_student_learns_from_a_float_teacher(listops_run, tmp_path):
   student = _run(tmp_path / "student", num_train_steps=5, eval_every_steps=5,
                  checkpoint_every_steps=5, **{

@@ -83,8 +83,7 @@ def test_keep_top_and_the_export_equals_the_masked_model():
 
 
 @pytest.mark.slow  # a training run, an export and an evaluation
-@pytest.mark.usefixtures("cached_here")
-def test_an_exported_workdir_evaluates_smaller(listops_run, tmp_path, cached_compiles):
+def test_an_exported_workdir_evaluates_smaller(listops_run, tmp_path):
   run = listops_run  # two layers of two heads, MLP 64
   summary = exports.shrink_workdir(str(run), str(tmp_path / "small"), heads=1,
                                    mlp_units=32, batches=2)

@@ -25,9 +25,9 @@ from effx.training.restore import evaluate_workdir
 from effx.training.run import Run
 from conftest import CONFIGS, listops_config, tiny_config
 
-# Every run of a program an earlier test compiled loads it (tests/training/conftest.py);
-# the runs that resume, damage or reread a finished run start from ``listops_run``.
-pytestmark = pytest.mark.usefixtures("cached_here")
+# Every run of a program an earlier test compiled loads it (the session's compilation
+# cache, tests/conftest.py); the runs that resume, damage or reread a finished run start
+# from ``listops_run``.
 
 
 # 1024 pixel tokens: 8 examples of each split, in batches of 4.
@@ -112,7 +112,7 @@ def test_retrieval_trains(tmp_path, retrieval_dir):  # 16 training pairs
   assert len(losses) == 3 and losses[-1] < losses[0], losses
 
 
-def test_best_checkpoint_is_tested_and_evaluate_entry_point(listops_copy, cached_compiles):
+def test_best_checkpoint_is_tested_and_evaluate_entry_point(listops_copy):
   workdir = listops_copy
   results = json.loads((workdir / "results.json").read_text())
   rows = [r for r in metrics.read(workdir) if r["split"] == "validation"]
