@@ -39,11 +39,7 @@ import numpy as np
 
 import effx
 from effx.common import files
-from effx.data import describe as describe_task
-from effx.training import checkpoint as ckpt
-from effx.training import defaults
 from effx.training import restore as restore_lib
-from effx.training.run import Run
 
 FORMATS = ("stablehlo",)
 ARTIFACT = "model.stablehlo"
@@ -59,32 +55,6 @@ def _dimension(text: str | int | None, name: str, default: int | None):
   if str(text).isdigit() and int(text) > 0:
     return int(text)
   raise ValueError(f"--{name}={text!r}: a positive integer or 'dynamic'")
-
-
-def _restore(workdir: str, checkpoint: str):
-  """``(run, params, model_state, step)`` without loading the task's data (sizes only)."""
-  config = defaults.load_workdir_config(workdir)
-  run = Run(config, evaluation_only=True, task=describe_task(config.data, config.seed))
-  checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
-  try:
-    checkpoint = restore_lib.resolved(config, workdir, checkpoint)
-    if checkpoint == "best":
-      step = checkpoints.best.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no best checkpoint in {workdir}/best (a run that has not "
-                                "evaluated yet: use --checkpoint=latest)")
-      restored = checkpoints.restore_best({"params": run.abstract_state.params,
-                                           "model_state": run.abstract_state.model_state},
-                                          step)
-      return run, restored["params"], restored["model_state"], step
-    restored = (checkpoints.restore_latest(run.abstract_state) if checkpoint == "latest"
-                else checkpoints.restore_step(run.abstract_state, int(checkpoint)))
-    if restored is None:
-      raise FileNotFoundError(f"no checkpoint that restores in {checkpoints.directory}")
-    state, _, _, step = restored
-    return run, state.params, state.model_state, step
-  finally:
-    checkpoints.close()
 
 
 def _hash(tree) -> str:
@@ -161,7 +131,7 @@ def export_workdir(workdir: str, out: str, *, format: str = "stablehlo",  # noqa
     raise ValueError(f"--platforms={','.join(platforms)}: choose from cpu, cuda, rocm, tpu")
   batch = _dimension(batch, "batch", "dynamic")
   length = _dimension(length, "length", None)
-  run, params, model_state, step = _restore(workdir, checkpoint)
+  run, params, model_state, step = restore_lib.restore(workdir, checkpoint, sizes_only=True)
   config, kind = run.config, run.model_config.kind
   max_len = run.task.max_len
   length = max_len if length is None else length

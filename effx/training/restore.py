@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from effx import data as data_lib
 from effx.data.base import BYTE_VOCAB
 from effx.models import generate
 from effx.training import checkpoint as ckpt
@@ -19,13 +20,15 @@ from effx.training import workdir as workdir_lib
 from effx.training.run import Run
 
 
-def restore(workdir: str, checkpoint: str | int = "latest"):
+def restore(workdir: str, checkpoint: str | int = "latest", *, sizes_only: bool = False):
   """One of ``workdir``'s checkpoints, ready to evaluate.
 
   Args:
     workdir: an ``effx.train`` workdir.
     checkpoint: ``"latest"`` (the newest that restores), ``"best"`` (the best on
       validation) or a step (int or digits).
+    sizes_only: the run knows its task's sizes only, without loading its data (for an
+      export: nothing is evaluated).
 
   Returns:
     ``(run, params, model_state, step)``: ``run`` an evaluation-only ``Run`` of
@@ -36,7 +39,8 @@ def restore(workdir: str, checkpoint: str | int = "latest"):
   if checkpoint not in ("latest", "best") and not checkpoint.isdigit():
     raise ValueError(f"--checkpoint={checkpoint!r}: use 'latest', 'best' or a step number")
   config = defaults.load_workdir_config(workdir)
-  run = Run(config, evaluation_only=True)
+  run = Run(config, evaluation_only=True,
+            task=data_lib.describe(config.data, config.seed) if sizes_only else None)
   checkpoints = ckpt.Checkpoints(workdir, config.keep_checkpoints)
   try:
     checkpoint = resolved(config, workdir, checkpoint)
