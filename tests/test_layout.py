@@ -86,5 +86,5 @@ def test_no_import_runs_back_up():
 def test_top_level_holds_commands_only():
   """effx/ itself holds the package docstring, the command helper and the commands."""
   modules = sorted(p.stem for p in ROOT.glob("*.py"))
-  assert modules == ["__init__", "aot", "cli", "embed", "evaluate", "quantize", "sample",
-                     "structured", "sweep", "train"]
+  assert modules == ["__init__", "aot", "cli", "embed", "evaluate", "export", "quantize",
+                     "sample", "structured", "sweep", "train"]

@@ -28,6 +28,7 @@ effx).
 from __future__ import annotations
 
 import hashlib
+from importlib import metadata
 import json
 import os
 import shutil
@@ -37,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import effx
 from effx.common import files
 from effx.training import restore as restore_lib
 
@@ -158,7 +158,7 @@ def export_workdir(workdir: str, out: str, *, format: str = "stablehlo",  # noqa
       "workdir": os.path.abspath(workdir),
       "config_sha256": hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16],
       "params_sha256": _hash(variables),
-      "effx": effx.__version__, "jax": jax.__version__,
+      "effx": metadata.version("effx"), "jax": jax.__version__,
       "config": json.loads(config.to_json_best_effort()),
   }
   parent = os.path.dirname(os.path.abspath(out))
