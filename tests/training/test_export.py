@@ -107,6 +107,7 @@ def _kind_case(kind, tmp_path):
           "expected": [np.asarray(_forward(model)(variables, ids)).tolist()]}
 
 
+@pytest.mark.slow  # one compile per family here and one in the fresh process
 def test_every_family_and_kind_runs_in_a_fresh_process_without_effx(tmp_path):
   cases = [_family_case(name, tmp_path) for name in ea.names()]
   cases += [_kind_case(kind, tmp_path) for kind in ("encoder", "causal_lm")]

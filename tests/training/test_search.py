@@ -1,10 +1,10 @@
 """Searches (``effx.sweep --search``): bad input and dry runs (in this process, nothing
-trains), then end to end: a TPE study on SQLite that prunes; a worker killed, then a
-Ctrl-C, losing nothing; two Slurm array tasks sharing a study on a real PostgreSQL
-server this module starts.
+trains), then end to end (slow): a TPE study on SQLite that prunes; a worker killed,
+then a Ctrl-C, losing nothing; two Slurm array tasks sharing a study on a real
+PostgreSQL server this module starts.
 
 Every trial is a ``python -m effx.train`` subprocess of a tiny ListOps run whose
-compiles are shared through ``cached_compiles``."""
+compiles are shared through the session's compilation cache."""
 
 import json
 import os
@@ -24,8 +24,6 @@ from conftest import CONFIGS, free_port
 from effx import sweep
 from effx.common import lock
 from effx.launch import search
-
-pytestmark = pytest.mark.usefixtures("cached_compiles")
 
 SEARCH_CONFIG = """
 from effx import cli
@@ -139,6 +137,7 @@ def test_grid_space_dry_runs_and_the_slurm_script(tmp_path, capsys):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_search_prunes_reports_and_keeps_what_ended(tmp_path, capsys):
   """TPE on SQLite, 4 trials; the median pruner (after one trial) stops the trials that
   fall below the others: SIGTERM, a checkpoint, recorded as pruned with the last value.
@@ -206,6 +205,7 @@ def _last_train_step(run):
   return max(steps, default=0)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_then_ctrl_c_lose_no_trial_and_run_none_twice(tmp_path):
   """A worker is SIGKILLed mid-trial (its trainer gets SIGHUP and checkpoints); the
   rerun finds the trial stale (its heartbeat stopped), queues it again with its own
@@ -306,6 +306,7 @@ def postgres():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_slurm_workers_share_a_postgresql_study(tmp_path, postgres, monkeypatch, capsys):
   """``--launcher=slurm`` writes one array task per worker; two tasks run at once (a
   stand-in sbatch records the script, which runs here) on one study in PostgreSQL, a
