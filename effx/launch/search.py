@@ -430,6 +430,7 @@ class _Worker:
     import optuna  # noqa: PLC0415 (with the search)
 
     from effx.launch import local  # noqa: PLC0415 (its trials' processes)
+    from effx.training import objectives  # noqa: PLC0415 (jax)
 
     trial = self.study.ask()
     # At once: a trial without a heartbeat is never taken for stale.
@@ -447,7 +448,7 @@ class _Worker:
         overrides = overrides_of(self.options.spec, self.options.name, trial,
                                  self.options.base)
       config = trials_lib.trial_config(self.options.spec, overrides)
-      trial_metric = _metric(self.options.spec, overrides)
+      trial_metric = objectives.selection_metric(config)[0]
       if trial_metric != self.metric:
         raise ValueError(f"search_{self.options.name}() with {trial.params} trains a run "
                          f"chosen by {trial_metric}, the search's trials by {self.metric}")
@@ -599,12 +600,6 @@ def work(options: Options, workdir: str, metric: str, direction: str, *, paralle
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-
-
-def _metric(spec: str, overrides: dict[str, Any]) -> str:
-  from effx.training import objectives  # noqa: PLC0415 (jax)
-
-  return objectives.selection_metric(trials_lib.trial_config(spec, overrides))[0]
 
 
 def _validation(run_workdir: str, metric: str) -> list[tuple[int, float]]:
