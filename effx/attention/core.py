@@ -153,9 +153,10 @@ def from_residues(x: jax.Array, d: int, length: int) -> jax.Array:
 
 
 def positions(batch: int, length: int, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """``(pos [batch, length] int32, valid [batch, length] bool)`` for a padding mask.
-  ``pos`` is a numpy constant: the kernel's splash backend builds its masks from it."""
-  pos = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+  """``(pos [1, length] int32, valid [batch, length] bool)`` for a padding mask.
+  ``pos`` is a numpy constant, one row that broadcasts over the batch: the kernel's splash
+  backend builds its masks from it, and numpy has no symbolic batch (``jax.export``)."""
+  pos = np.arange(length, dtype=np.int32)[None, :]
   valid = jnp.ones((batch, length), bool) if mask is None else mask
   return pos, valid
 

@@ -297,8 +297,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, layout: Layout, *, q_pos: j
     v: ``[batch, k_len, heads, dv]``.
     layout: the visited blocks (``num_q = ceil(q_len / block_q)`` and
       ``num_k = ceil(k_len / block_k)``; lengths are padded to whole blocks internally).
-    q_pos, k_pos: ``[batch, q_len]`` / ``[batch, k_len]`` integer positions, or
-      ``[batch, heads, length]`` when they differ per head (sorted families).
+    q_pos, k_pos: ``[batch | 1, q_len]`` / ``[batch | 1, k_len]`` integer positions
+      (1: the same in every example), or ``[batch, heads, length]`` when they differ per
+      head (sorted families).
     k_valid: ``[batch, k_len]`` (or ``[batch, heads, k_len]``) bool, False for padding.
     causal: allow only ``k_pos <= q_pos``.
     rule: optional hashable callable ``(q_pos, k_pos) -> bool`` on broadcast arrays.
@@ -480,15 +481,17 @@ def _to_keys(p, x):
 
 
 def _take(x, ids):
-  """Blocks of ``x [b, 1 | h, n, ...]`` at ``ids``: ``[lanes]`` (static) or
-  ``[b | 1, h | 1, lanes]`` (dynamic) -> ``[b, 1 | h | h, lanes, ...]``."""
+  """Blocks of ``x [b | 1, 1 | h, n, ...]`` at ``ids``: ``[lanes]`` (static) or
+  ``[b | 1, h | 1, lanes]`` (dynamic) -> ``[b | 1, 1 | h, lanes, ...]`` (dynamic: the
+  batch and heads of both)."""
   if x is None:
     return None
   if ids.ndim == 1:
     return jnp.take(x, ids, axis=2)
-  heads = max(x.shape[1], ids.shape[1])
-  x = jnp.broadcast_to(x, (x.shape[0], heads) + x.shape[2:])
-  ids = jnp.broadcast_to(ids, (x.shape[0], heads, ids.shape[-1]))
+  # broadcast_shapes, not max(): a symbolic batch (jax.export) has no order against 1.
+  lead = jnp.broadcast_shapes(x.shape[:2], ids.shape[:2])
+  x = jnp.broadcast_to(x, lead + x.shape[2:])
+  ids = jnp.broadcast_to(ids, lead + ids.shape[2:])
   return jnp.take_along_axis(x, ids.reshape(ids.shape + (1,) * (x.ndim - 3)), axis=2)
 
 
@@ -528,7 +531,11 @@ def _lane_chunks(ids, b, h, bq, bk, nq):
   """
   k_ids, valid, q_ids = ids
   lanes = k_ids.shape[-1]
-  c = int(max(1, min(lanes, STEP_BYTES // (b * h * bq * bk * 4))))
+  # The chunk count is a static scan length, and a symbolic batch (jax.export serving any
+  # batch) has no size to divide by: chunks are then sized for one example, so a step
+  # holds about STEP_BYTES of scores per example.
+  per_step = b if isinstance(b, int) else 1
+  c = int(max(1, min(lanes, STEP_BYTES // (per_step * h * bq * bk * 4))))
   g = -(-lanes // c)
 
   def split(x, fill):

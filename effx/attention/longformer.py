@@ -67,7 +67,7 @@ def longformer_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        rule=AnyOf((Band(window), KeyIn(glob))), extra_blocks=extra)
   # Global queries: full rows.
   idx = np.array(glob, np.int32)
-  qpos = np.broadcast_to(idx, (b, idx.size))
+  qpos = idx[None]  # one row for every example
   layout = kernel.Layout.full(idx.size, length, min(idx.size, 512), min(length, 512))
   rows, _ = kernel.attend(q[:, idx], k, v, layout, q_pos=qpos, k_pos=pos, k_valid=valid,
                           causal=causal)

@@ -143,9 +143,9 @@ class SinkhornAttention(Family):
     flat = lambda x: x.reshape(b, n * bs, heads, x.shape[-1])  # noqa: E731
     blocks_visited = np.concatenate([np.eye(n, dtype=bool)] * 2, axis=1)
     layout = kernel.Layout.from_blocks(blocks_visited, bs, bs)
-    pos = np.broadcast_to(np.arange(n * bs, dtype=np.int32), (b, n * bs))
-    sorted_pos = np.broadcast_to(np.repeat(np.arange(n, dtype=np.int32) * bs - 1, bs),
-                                 (b, n * bs))
+    # One row of positions for every example (numpy has no symbolic batch).
+    pos = np.arange(n * bs, dtype=np.int32)[None, :]
+    sorted_pos = np.repeat(np.arange(n, dtype=np.int32) * bs - 1, bs)[None, :]
     key_valid = jnp.concatenate([jnp.broadcast_to(valid.reshape(b, 1, n * bs),
                                                   (b, heads, n * bs)),
                                  sorted_valid.reshape(b, heads, n * bs)], axis=-1)

@@ -47,9 +47,11 @@ def _strided(q, k, v, mask, causal, stride):
   b, length = q.shape[:2]
   pos, valid = positions(b, length, mask)
   near = local_parts(q, k, v, mask=mask, causal=causal, window=stride - 1)
-  # Positions of the whole padded residue grid (r + stride * t), so every residue sequence
-  # has the same order pattern (the padding's positions change no real output).
-  rpos = to_residues(positions(b, -(-length // stride) * stride, None)[0], stride)
+  # Positions within each residue sequence (t for position r + stride * t): causality and
+  # NotSelf compare keys of one residue only, which t orders as r + stride * t does, and one
+  # row serves every residue sequence of every example (the padding's positions change no
+  # real output).
+  rpos = positions(1, -(-length // stride), None)[0]
   out, lse = _full(to_residues(q, stride), to_residues(k, stride), to_residues(v, stride),
                    q_pos=rpos, k_pos=rpos, k_valid=to_residues(valid, stride), causal=causal,
                    rule=NotSelf(), same_order=True)
@@ -68,7 +70,7 @@ def _fixed(q, k, v, mask, causal, stride, summary):
   idx = np.array([p for p in range(length) if p % stride >= stride - summary], np.int32)
   if idx.size == 0:
     return own
-  spos = np.broadcast_to(idx, (b, idx.size))
+  spos = idx[None]  # one row for every example
   other = _full(q, k[:, idx], v[:, idx], q_pos=pos, k_pos=spos, k_valid=valid[:, idx],
                 causal=causal, rule=OtherBlock(stride))
   return merge([own, other])

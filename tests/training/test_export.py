@@ -21,11 +21,6 @@ from effx.training import deploy
 
 BASE = dict(vocab_size=20, max_len=40, num_classes=3, num_layers=1, emb_dim=16,
             num_heads=2, qkv_dim=16, mlp_dim=32, dropout_rate=0.0)
-# Families whose compute sizes nothing from the batch in Python: one artifact serves any
-# batch. The others (the block-sparse kernel's families, synthesizer, sinkhorn) export
-# at a fixed batch and refuse a dynamic one with a message.
-DYNAMIC_BATCH = {"dense", "linformer", "nystrom", "linear", "performer", "cosformer",
-                 "hierarchical", "adaptive_span"}
 
 FRESH = """
 import json, sys
@@ -74,15 +69,11 @@ def _family_case(name, tmp_path):
   same = jax.tree.structure(shapes) == jax.tree.structure(dense)
   variables = dense if same else jax.jit(model.init)(jax.random.PRNGKey(0),
                                                      jnp.zeros((2, 40), jnp.int32))
-  # Two batch sizes through one artifact once (dense); one call per other family.
+  # Every family exports a dynamic batch. Two batch sizes through one artifact once
+  # (dense); one call per other family (tests/attention/test_symbolic_batch.py calls
+  # every family's attention at two).
   batches = (1, 3) if name == "dense" else (3,)
-  if name in DYNAMIC_BATCH:
-    exported = deploy.export_model(model, variables, max_len=40, family=name)
-  else:
-    with pytest.raises(ValueError, match=f"{name} cannot export a dynamic batch: .*give "
-                                         "--batch=N"):
-      deploy.export_model(model, variables, max_len=40, family=name)
-    exported = deploy.export_model(model, variables, max_len=40, batch=3, family=name)
+  exported = deploy.export_model(model, variables, max_len=40, family=name)
   inputs = [_ids(b, 40, seed) for seed, b in enumerate(batches)]
   expected = [np.asarray(_forward(model)(variables, ids)) for ids in inputs]
   path = tmp_path / f"{name}.stablehlo"
