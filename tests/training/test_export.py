@@ -119,7 +119,7 @@ def test_a_dynamic_length_where_the_family_allows_it():
   np.testing.assert_allclose(np.asarray(exported.call(ids)),
                              np.asarray(_forward(model)(variables, ids)), rtol=1e-5, atol=1e-6)
   local = models.build(dict(BASE, attention="local", attention_kwargs={"window": 8}))
-  with pytest.raises(ValueError, match="local cannot export a dynamic length: .*give "
+  with pytest.raises(ValueError, match="local cannot export a dynamic length to StableHLO: .*give "
                                        "--length=N"):
     deploy.export_model(local, variables, max_len=40, batch=2, length="dynamic",
                         family="local")
@@ -154,8 +154,8 @@ def test_a_workdir_exports_with_its_manifest_and_refusals_write_nothing(listops_
        "--batch='0': a positive integer or 'dynamic'"),
       (dict(workdir=run, out=str(tmp_path / "d"), length=100000),
        "--length=100000 exceeds the model's length"),
-      (dict(workdir=run, out=str(tmp_path / "e"), format="onnx"),
-       "--format='onnx': one of stablehlo"),
+      (dict(workdir=run, out=str(tmp_path / "e"), format="tflite"),
+       "--format='tflite': one of stablehlo, onnx"),
   ]
   before = sorted(p.name for p in tmp_path.iterdir())
   for kwargs, message in cases:
