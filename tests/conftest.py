@@ -91,7 +91,8 @@ FAST_FAMILIES = ("dense", "local", "bigbird", "performer")
 def pytest_collection_modifyitems(config, items):
   """Tests marked ``gpu`` run only where JAX has a GPU; a case of a test parametrized
   over attention families (a ``name`` or ``attention`` argument) is ``slow`` unless its
-  family is one of ``FAST_FAMILIES``; slow tests run first."""
+  family is one of ``FAST_FAMILIES``, and runs on the worker that runs its module's other
+  cases of that family; slow tests run first."""
   del config
   import effx.attention as ea  # noqa: PLC0415 (after the XLA flags above)
 
@@ -99,8 +100,14 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     params = getattr(getattr(item, "callspec", None), "params", {})
     family = params.get("name", params.get("attention"))
-    if family in ea.names() and family not in FAST_FAMILIES:
+    if family not in ea.names():
+      continue
+    if family not in FAST_FAMILIES:
       item.add_marker(slow)
+    # A module builds a family's programs once (its lru_caches): pytest-xdist hands a
+    # group to one worker (--dist loadgroup, pyproject.toml), so the other does not
+    # trace and compile them again.
+    item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}:{family}"))
   # The long tests first: pytest-xdist hands out tests in this order, so the last minute
   # is not one worker finishing a sweep while the other waits.
   items.sort(key=lambda item: "slow" not in item.keywords)
