@@ -183,11 +183,18 @@ def test_every_parameter_has_logical_axes():
 
 def test_whole_model_and_block_under_nnx():
   model = models.build(BASE)
+
+  @nnx.jit  # one compiled program instead of one per operation
+  def init_and_call(wrapped, tokens):
+    nnx.bridge.lazy_init(wrapped, tokens)
+    return wrapped(tokens)
+
   with nnx.use_eager_sharding(False):
     wrapped = nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0))
-    nnx.bridge.lazy_init(wrapped, TOKENS)
-    logits, _ = wrapped(TOKENS)
+    logits, _ = init_and_call(wrapped, TOKENS)
   assert logits.shape == (2, 3)
+  # The initialised variables live in the NNX module after the call.
+  assert len(jax.tree.leaves(nnx.state(wrapped, nnx.Param))) > 0
 
 
 @pytest.mark.parametrize("overrides,error,match", [
