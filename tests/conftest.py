@@ -2,7 +2,12 @@
 
 * Tests compile many small programs and run them on tiny inputs, so compile time
   dominates: LLVM's optimisation level 0 halves it (XLA's HLO passes, and so numerics and
-  buffer assignment, are unchanged). Set before JAX initialises its backend.
+  buffer assignment, are unchanged), and XLA:CPU's older elemental emitters instead of its
+  MLIR fusion emitters (``--xla_cpu_use_fusion_emitters=false``) take it down ~2.5x more
+  (the same HLO after the same passes, lowered by other code: outputs differ from the
+  default's by a few float32 ulps, ~1e-6 at most on unit-scale attention, and compiled
+  memory by a few hundred bytes in tens of MiB). ``XLA_FLAGS`` here are set before JAX
+  initialises its backend, and every program a test starts inherits them.
 * float32 matmuls at full precision, so tolerances mean the same on every backend.
 * One persistent JAX compilation cache for the whole session (``compilation_cache``):
   the pytest processes (both xdist workers) and every program they start
@@ -17,9 +22,10 @@ import pathlib
 import shutil
 import sys
 
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
-if _FAST_COMPILE.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+for _flag in FAST_COMPILE:
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -85,7 +91,8 @@ FAST_FAMILIES = ("dense", "local", "bigbird", "performer")
 def pytest_collection_modifyitems(config, items):
   """Tests marked ``gpu`` run only where JAX has a GPU; a case of a test parametrized
   over attention families (a ``name`` or ``attention`` argument) is ``slow`` unless its
-  family is one of ``FAST_FAMILIES``; slow tests run first."""
+  family is one of ``FAST_FAMILIES``, and runs on the worker that runs its module's other
+  cases of that family; slow tests run first."""
   del config
   import effx.attention as ea  # noqa: PLC0415 (after the XLA flags above)
 
@@ -93,8 +100,14 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     params = getattr(getattr(item, "callspec", None), "params", {})
     family = params.get("name", params.get("attention"))
-    if family in ea.names() and family not in FAST_FAMILIES:
+    if family not in ea.names():
+      continue
+    if family not in FAST_FAMILIES:
       item.add_marker(slow)
+    # A module builds a family's programs once (its lru_caches): pytest-xdist hands a
+    # group to one worker (--dist loadgroup, pyproject.toml), so the other does not
+    # trace and compile them again.
+    item.add_marker(pytest.mark.xdist_group(f"{item.path.stem}:{family}"))
   # The long tests first: pytest-xdist hands out tests in this order, so the last minute
   # is not one worker finishing a sweep while the other waits.
   items.sort(key=lambda item: "slow" not in item.keywords)

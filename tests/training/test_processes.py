@@ -31,8 +31,10 @@ FOREVER = "--config.num_train_steps=100000"  # a run that only a signal ends
 
 def _env(devices=1, **extra):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), **extra}
-  env.pop("XLA_FLAGS", None)
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  # The session's compile flags (tests/conftest.py), as this process's reference run has
+  # them, less any device count of the caller's: JAX_NUM_CPU_DEVICES sets it.
+  env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
   return env
 
 

@@ -211,7 +211,10 @@ def test_a_killed_worker_then_ctrl_c_lose_no_trial_and_run_none_twice(tmp_path):
   rerun finds the trial stale (its heartbeat stopped), queues it again with its own
   parameters and resumes its workdir; Ctrl-C of that rerun queues it once more; the
   third run finishes it. One trial, one workdir, three sessions."""
-  spec, workdir = _spec(tmp_path, steps=400), tmp_path / "search"
+  # 150 steps: the first run is killed after its checkpoint at 10 and the second
+  # interrupted ~10 steps after it resumed, so the trial is still running at both signals
+  # with 100 steps to spare; the third run finishes it.
+  spec, workdir = _spec(tmp_path, steps=150), tmp_path / "search"
   command = _command(spec, workdir, "--search=lr", "--trials=1", "--heartbeat=1")
   run = workdir / "trial-0000"
   # pytest-xdist workers ignore SIGINT and children inherit that: give the sweep the
@@ -257,7 +260,7 @@ def test_a_killed_worker_then_ctrl_c_lose_no_trial_and_run_none_twice(tmp_path):
   assert trials[2].system_attrs["retry_history"] == [0, 1]
   assert sorted(p.name for p in workdir.glob("trial-*")) == ["trial-0000"]
   results = json.loads((run / "results.json").read_text())
-  assert results["step"] == 400 and len(results["sessions"]) == 3
+  assert results["step"] == 150 and len(results["sessions"]) == 3
   assert trials[2].value == results["eval_accuracy"]
   table = (workdir / "results.md").read_text()
   assert "| 0 | fail |" in table

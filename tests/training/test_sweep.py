@@ -47,7 +47,7 @@ def sweep(add, arg=None):
 
 
 def sweep_long(add, arg=None):
-  add(**{{"num_train_steps": 80, "model.attention": "local"}})  # long enough to stop
+  add(**{{"num_train_steps": 40, "model.attention": "local"}})  # stopped near 10
   add(init_checkpoint="{missing}")  # valid config, fails when the run starts
 
 
@@ -55,7 +55,7 @@ def sweep_typo(add, arg=None):
   add(learning_rate=0.001)
   add(**{{"model.atention": "local"}})
 """
-LONG = "num_train_steps-80_attention-local"
+LONG = "num_train_steps-40_attention-local"
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_grid_helpers_names_and_commands(spec, tmp_path):
   trials = trials_lib.define(spec, "long")
   cmd = trials_lib.command(spec, "/runs", trials[0])
   assert cmd[1:] == ["-m", "effx.train", f"--config={spec}", f"--workdir=/runs/{LONG}",
-                     "--config.num_train_steps=80", "--config.model.attention=local"]
+                     "--config.num_train_steps=40", "--config.model.attention=local"]
   with pytest.raises(ValueError, match="trial 'atention-local': --config.model.atention: "
                                        "unknown key"):
     trials_lib.define(spec, "typo")
@@ -134,7 +134,7 @@ def test_a_sweep_stopped_by_ctrl_c_resumes_records_its_failure_and_ends_exactly(
   assert _statuses((workdir / "sweep.json").read_text()) == ["interrupted", "pending"]
   # The sweep passed the trial a SIGTERM, and the trial checkpointed the step it was at.
   stopped = max(int(p.name) for p in (first / "checkpoints").iterdir() if p.name.isdigit())
-  assert 0 < stopped < 80
+  assert 0 < stopped < 40
   assert f"SIGTERM: checkpointed step {stopped} in" in (
       workdir / "logs" / f"{LONG}.log").read_text()
 
@@ -148,7 +148,7 @@ def test_a_sweep_stopped_by_ctrl_c_resumes_records_its_failure_and_ends_exactly(
   results = json.loads((first / "results.json").read_text())
   assert good["results"]["test_accuracy"] == results["test_accuracy"]
   table = (workdir / "results.md").read_text()
-  assert f"| {LONG} | 80 | local |  | done | {100 * results['test_accuracy']:.1f}%" in table
+  assert f"| {LONG} | 40 | local |  | done | {100 * results['test_accuracy']:.1f}%" in table
   assert f"| {bad['name']} |  |  | {tmp_path / 'missing'} | failed |  |" in table
   assert (workdir / "curves.png").stat().st_size > 0
   assert (workdir / "results.csv").read_text().count("\n") == 3
@@ -177,7 +177,7 @@ def test_a_sweep_stopped_by_ctrl_c_resumes_records_its_failure_and_ends_exactly(
   straight = json.loads((tmp_path / "straight" / LONG / "results.json").read_text())
   for key in ("step", "final_train_loss", "eval_accuracy", "best_step", "test_accuracy"):
     assert results[key] == straight[key], key
-  assert results["step"] == 80
+  assert results["step"] == 40
 
 
 def _stand_in_slurm(tmp_path, monkeypatch):
