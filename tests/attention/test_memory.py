@@ -57,6 +57,9 @@ def _temp_defaults(name, length, causal):
 
 
 @pytest.mark.slow  # two compiles at 16384 tokens
+# On the worker that runs test_sub_quadratic_memory's hierarchical cases (tests/conftest.py
+# groups them): their compiles at 8192 tokens are reused.
+@pytest.mark.xdist_group("test_memory:hierarchical")
 @pytest.mark.parametrize("causal", [False, True])
 def test_hierarchical_stays_linear_to_16k(causal):
   """H-Transformer-1D's O(length * block_size): at most 2.2x per doubling to 16384
