@@ -32,6 +32,17 @@ SMALL = {
 HEADS = 3
 
 
+def model_options(name):
+  """``SMALL``'s options of ``name`` for a whole model: lengths room for 64 tokens, one
+  dilation for every head (a model's head count need not match the test option's)."""
+  options = dict(SMALL.get(name, {}))
+  if "max_len" in options:
+    options["max_len"] = 64
+  if name == "dilated":
+    options["dilation"] = 2
+  return options
+
+
 def cases():
   """(name, causal) for every family and every causal setting it supports."""
   return [(n, c) for n in ea.names() for c in (False, True) if not c or ea.supports_causal(n)]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import listops_config  # noqa: F401 (the listops_run fixture's config)
-from support import SMALL
+from support import model_options
 
 import effx.attention as ea
 from effx import models
@@ -57,11 +57,7 @@ def _dense_variables():
 
 
 def _family_case(name, tmp_path):
-  options = dict(SMALL.get(name, {}))
-  if "max_len" in options:
-    options["max_len"] = 64
-  if name == "dilated":
-    options["dilation"] = 2
+  options = model_options(name)
   model = models.build(dict(BASE, attention=name, attention_kwargs=options))
   dense = _dense_variables()
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((2, 40), jnp.int32))

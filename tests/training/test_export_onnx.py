@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import listops_config  # noqa: F401 (the listops_run fixture's config)
-from support import SMALL
+from support import model_options
 
 pytest.importorskip("jax2onnx", reason="ONNX export needs jax2onnx (requirements-models.txt)")
 ort = pytest.importorskip("onnxruntime")
@@ -73,11 +73,7 @@ def _check(name, config, tmp_path, dynamic):
 @pytest.mark.slow  # a conversion per family (jax2onnx traces in Python: 2-10 s each)
 @pytest.mark.parametrize("name", ea.names())
 def test_every_family_runs_in_onnx_runtime(name, tmp_path):
-  options = dict(SMALL.get(name, {}))
-  if "max_len" in options:
-    options["max_len"] = 64
-  if name == "dilated":
-    options["dilation"] = 2
+  options = model_options(name)
   _check(name, dict(BASE, attention=name, attention_kwargs=options), tmp_path,
          name in ONNX_DYNAMIC_BATCH)
 
